@@ -1,0 +1,23 @@
+"""Environments for trxl_rl: MiniGrid-Memory presets, CueRecall, vector envs."""
+
+from .cue_recall import CUE_RECALL_ID, CueRecall, register_cue_recall
+from .make import ENV_ALIASES, UnknownEnvError, list_env_ids, make_env
+from .minigrid_memory import MEMORY_MAX_STEPS
+from .vector import completed_episodes, final_observations, make_vector_env
+from .wrappers import RecordSuccess
+
+register_cue_recall()
+
+__all__ = [
+    "CUE_RECALL_ID",
+    "ENV_ALIASES",
+    "MEMORY_MAX_STEPS",
+    "CueRecall",
+    "RecordSuccess",
+    "UnknownEnvError",
+    "completed_episodes",
+    "final_observations",
+    "list_env_ids",
+    "make_env",
+    "make_vector_env",
+]

@@ -1,0 +1,67 @@
+"""``make_env``: one environment by id, with our presets and wrappers applied."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+import gymnasium as gym
+
+from .cue_recall import CUE_RECALL_ID
+from .minigrid_memory import MEMORY_MAX_STEPS, make_minigrid_memory
+from .wrappers import RecordSuccess, positive_final_reward
+
+# Short names accepted by make_env (and the trainer's --env).
+ENV_ALIASES: dict[str, str] = {
+    "MiniGrid-Memory": "MiniGrid-MemoryS9-v0",
+    "CueRecall": CUE_RECALL_ID,
+}
+
+
+class UnknownEnvError(ValueError):
+    """An environment id that is neither one of ours nor registered with gymnasium."""
+
+
+def list_env_ids() -> list[str]:
+    """All ids :func:`make_env` accepts: our short names and every gymnasium/minigrid id."""
+    import minigrid  # noqa: F401  (registers the MiniGrid ids)
+
+    return sorted(ENV_ALIASES) + sorted(gym.registry)
+
+
+def _unknown_env(env_id: str) -> UnknownEnvError:
+    close = difflib.get_close_matches(env_id, list_env_ids(), n=3)
+    hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
+    return UnknownEnvError(
+        f"unknown environment id {env_id!r}; {hint}"
+        "list all ids with trxl_rl.envs.list_env_ids()"
+    )
+
+
+def make_env(env_id: str, **kwargs: Any) -> gym.Env:
+    """Build one environment.
+
+    - MiniGrid-Memory ids (or the short name ``"MiniGrid-Memory"`` = S9): kwargs ``obs``,
+      ``view_size``, ``max_steps``, ``full_actions``; see :mod:`trxl_rl.envs.minigrid_memory`.
+    - ``"trxl_rl/CueRecall-v0"`` (or ``"CueRecall"``): kwargs ``delay``, ``num_cues``.
+    - any other registered gymnasium id (``"module:Id"`` imports the module first):
+      ``gymnasium.make(env_id, **kwargs)``.
+
+    Every env is wrapped in :class:`RecordSuccess`: for MiniGrid-Memory and CueRecall the
+    final step's info holds ``success`` (final reward > 0); other envs get the key only if
+    they report ``success``/``is_success`` themselves.
+
+    :raises UnknownEnvError: the id is not known; the message suggests close ids.
+    :raises ValueError: a MiniGrid-Memory or CueRecall argument is invalid (named).
+    """
+    env_id = ENV_ALIASES.get(env_id, env_id)
+    if env_id in MEMORY_MAX_STEPS:
+        return make_minigrid_memory(env_id, **kwargs)
+    if env_id == CUE_RECALL_ID:
+        return RecordSuccess(gym.make(env_id, **kwargs), positive_final_reward)
+    if ":" not in env_id and env_id not in gym.registry:
+        import minigrid  # noqa: F401  (registers the MiniGrid ids)
+
+        if env_id not in gym.registry:
+            raise _unknown_env(env_id)
+    return RecordSuccess(gym.make(env_id, **kwargs))

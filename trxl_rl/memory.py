@@ -1,0 +1,462 @@
+"""Transformer-XL memory encoder (Dai et al. 2019) for agents that act one step at a time.
+
+Every token (one environment step), in every layer, attends to a sliding window: itself and
+its M predecessors of the same episode. The window does not depend on how the stream is cut
+into segments, so the rollout (``step``, N = 1) and the update (segments of N tokens) compute
+the same function. With L layers the receptive field is L x M tokens.
+
+The memory (:class:`MemoryState`) holds, per row and per layer, the *input* hidden state of
+that layer for the last M tokens. It is read-only for gradients (stop-gradient) but projected
+with the current weights. During inference the projected keys/values of the memory are cached
+in the state, so one ``step`` costs O(M) and not O(M * dim^2); the cache is tagged with the
+weights that made it and rebuilt from the stored hidden states when the weights change.
+
+Shape legend: B rows (environments), N tokens in a segment, M memory length, L layers,
+D model dim, H heads, Dh = D / H head dim.
+
+This module imports torch and the standard library only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+POSITIONAL_ENCODINGS = ("relative", "absolute", "learned", "none")
+
+# Fused optimizers update parameters without bumping their version counters, so every torch
+# optimizer step is also counted here (a global post-step hook) and is part of the cache tag.
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+NORMS = ("pre", "post")
+
+
+@dataclass
+class TrXLConfig:
+    """Hyperparameters of :class:`TransformerXL`.
+
+    :param input_dim: size of the per-step input vector.
+    :param dim: model width D; must be divisible by ``num_heads``.
+    :param num_layers: number of Transformer-XL blocks L.
+    :param num_heads: attention heads H, each with its own Dh = D / H projections.
+    :param memory_length: M, how many past tokens of the same episode each token sees per layer
+        (0 = no memory: every token sees only itself).
+    :param positional_encoding: ``"relative"`` (Transformer-XL: sinusoid of the query-key
+        distance, projected by a learned matrix, with global biases u and v), ``"absolute"``
+        (sinusoid of the step index within the episode, added to the input), ``"learned"``
+        (a learned table over distances 0..M used in place of the sinusoid), or ``"none"``.
+    :param gating: GTrXL GRU-type gates instead of residual additions (Parisotto et al. 2019).
+    :param norm: ``"pre"`` (identity-map reordering, LayerNorm before each sublayer, plus a final
+        LayerNorm) or ``"post"`` (LayerNorm after each residual addition).
+    :param ff_dim: hidden width of the position-wise feed-forward block (default 4 * dim).
+    :param gate_bias: initial bias b_g of the update gate; large values start each gated block
+        near the identity map.
+    """
+
+    input_dim: int
+    dim: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    memory_length: int = 64
+    positional_encoding: str = "relative"
+    gating: bool = False
+    norm: str = "pre"
+    ff_dim: int | None = None
+    gate_bias: float = 2.0
+
+    def __post_init__(self) -> None:
+        for name in ("input_dim", "dim", "num_layers", "num_heads"):
+            _check_int(name, getattr(self, name), minimum=1)
+        _check_int("memory_length", self.memory_length, minimum=0)
+        if self.ff_dim is not None:
+            _check_int("ff_dim", self.ff_dim, minimum=1)
+        if self.dim % self.num_heads:
+            raise ValueError(
+                f"dim ({self.dim}) must be divisible by num_heads ({self.num_heads})"
+            )
+        if self.positional_encoding not in POSITIONAL_ENCODINGS:
+            raise ValueError(
+                f"positional_encoding must be one of {POSITIONAL_ENCODINGS}, "
+                f"got {self.positional_encoding!r}"
+            )
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        if not isinstance(self.gating, bool):
+            raise ValueError(f"gating must be a bool, got {self.gating!r}")
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+@dataclass
+class MemoryState:
+    """Per-row Transformer-XL memory.
+
+    :param hidden: ``[B, L, M, D]`` input hidden state of every layer for the last M tokens,
+        oldest first (may be stored in a lower precision than the model, e.g. bfloat16).
+    :param valid: ``[B, M]`` bool, True where the slot holds a token of the current episode.
+    :param position: ``[B]`` int64, index within its episode of the row's next token.
+    :param keys: inference cache, one ``[B, H, M, Dh]`` tensor per layer, or None.
+    :param values: like ``keys``.
+    :param pos_keys: inference cache, one projected distance table ``[M + 1, H, Dh]`` per layer
+        (relative and learned encodings), or None.
+    :param cache_tag: identifies the weights the caches were computed with.
+    :param use_cache: whether calls with this state keep the key/value cache.
+    """
+
+    hidden: Tensor
+    valid: Tensor
+    position: Tensor
+    keys: tuple[Tensor, ...] | None = None
+    values: tuple[Tensor, ...] | None = None
+    pos_keys: tuple[Tensor, ...] | None = None
+    cache_tag: tuple | None = None
+    use_cache: bool = True
+
+    @property
+    def batch_size(self) -> int:
+        return self.hidden.shape[0]
+
+    @property
+    def memory_length(self) -> int:
+        return self.hidden.shape[2]
+
+    def _map(self, fn_float, fn_other, per_row: bool = False) -> MemoryState:
+        """Apply ``fn_float`` to the floating tensors and ``fn_other`` to the others; with
+        ``per_row`` the row-independent distance cache is left as it is."""
+        def per_layer(ts, fn):
+            return None if ts is None else tuple(fn(t) for t in ts)
+        return replace(
+            self,
+            hidden=fn_float(self.hidden),
+            valid=fn_other(self.valid),
+            position=fn_other(self.position),
+            keys=per_layer(self.keys, fn_float),
+            values=per_layer(self.values, fn_float),
+            pos_keys=self.pos_keys if per_row else per_layer(self.pos_keys, fn_float),
+        )
+
+    def detach(self) -> MemoryState:
+        return self._map(Tensor.detach, Tensor.detach)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+           ) -> MemoryState:
+        """Move to ``device``; ``dtype`` applies to the stored hidden states and caches only."""
+        return self._map(lambda t: t.to(device=device, dtype=dtype), lambda t: t.to(device))
+
+    def __getitem__(self, rows) -> MemoryState:
+        """The state of a subset of rows (any index valid for dimension 0)."""
+        return self._map(lambda t: t[rows], lambda t: t[rows], per_row=True)
+
+    def reset(self, mask: Tensor) -> MemoryState:
+        """Forget the memory of the rows where ``mask`` ``[B]`` (bool) is True."""
+        if mask.shape != (self.batch_size,) or mask.dtype != torch.bool:
+            raise ValueError(f"mask must be a bool tensor of shape [{self.batch_size}]")
+        keep = ~mask
+        return replace(self, valid=self.valid & keep[:, None], position=self.position * keep)
+
+
+def sinusoid(positions: Tensor, dim: int) -> Tensor:
+    """Sinusoidal encoding (Vaswani et al. 2017) of ``positions`` ``[...]`` -> ``[..., dim]``."""
+    half = dim // 2
+    freq = torch.exp(
+        torch.arange(half, device=positions.device, dtype=torch.float32)
+        * (-math.log(10000.0) / max(half, 1))
+    )
+    angles = positions.to(torch.float32)[..., None] * freq
+    enc = torch.cat([angles.sin(), angles.cos()], dim=-1)
+    if dim % 2:
+        enc = F.pad(enc, (0, 1))
+    return enc
+
+
+class GRUGate(nn.Module):
+    """GTrXL gate g(x, y) (Parisotto et al. 2019), in place of the residual x + y.
+
+    With the update-gate bias b_g > 0 at initialisation, z ~ sigmoid(-b_g) is small and the
+    gate starts close to the identity map g(x, y) ~ x.
+    """
+
+    def __init__(self, dim: int, bias: float) -> None:
+        super().__init__()
+        self.from_y = nn.Linear(dim, 3 * dim, bias=False)  # W_r, W_z, W_g
+        self.from_x = nn.Linear(dim, 2 * dim, bias=False)  # U_r, U_z
+        self.candidate_x = nn.Linear(dim, dim, bias=False)  # U_g
+        self.update_bias = nn.Parameter(torch.full((dim,), float(bias)))
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        """x: residual stream ``[..., D]``; y: sublayer output ``[..., D]`` -> ``[..., D]``."""
+        wr, wz, wg = self.from_y(y).chunk(3, dim=-1)
+        ur, uz = self.from_x(x).chunk(2, dim=-1)
+        r = torch.sigmoid(wr + ur)
+        z = torch.sigmoid(wz + uz - self.update_bias)
+        candidate = torch.tanh(wg + self.candidate_x(r * x))
+        return (1 - z) * x + z * candidate
+
+
+class TrXLLayer(nn.Module):
+    """One Transformer-XL block: windowed multi-head attention, then a feed-forward block."""
+
+    def __init__(self, cfg: TrXLConfig) -> None:
+        super().__init__()
+        d, h = cfg.dim, cfg.num_heads
+        self.num_heads, self.head_dim = h, d // h
+        self.pre_norm = cfg.norm == "pre"
+        self.norm_attn = nn.LayerNorm(d)
+        self.norm_ff = nn.LayerNorm(d)
+        self.query = nn.Linear(d, d)
+        self.key_value = nn.Linear(d, 2 * d)
+        self.out = nn.Linear(d, d)
+        ff_dim = cfg.ff_dim or 4 * d
+        self.ff = nn.Sequential(nn.Linear(d, ff_dim), nn.ReLU(), nn.Linear(ff_dim, d))
+        self.relative = cfg.positional_encoding in ("relative", "learned")
+        if self.relative:
+            self.pos_proj = nn.Linear(d, d, bias=False)  # W_{k,R}
+            self.content_bias = nn.Parameter(torch.zeros(h, self.head_dim))  # u
+            self.position_bias = nn.Parameter(torch.zeros(h, self.head_dim))  # v
+        self.gates = nn.ModuleList([GRUGate(d, cfg.gate_bias) for _ in range(2)]) \
+            if cfg.gating else None
+
+    def _heads(self, t: Tensor) -> Tensor:
+        """``[B, T, D]`` -> ``[B, H, T, Dh]``."""
+        return t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+
+    def project_kv(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values of layer inputs ``h`` ``[B, T, D]`` -> two ``[B, H, T, Dh]``."""
+        if self.pre_norm:
+            h = self.norm_attn(h)
+        k, v = self.key_value(h).chunk(2, dim=-1)
+        return self._heads(k), self._heads(v)
+
+    def project_positions(self, table: Tensor) -> Tensor:
+        """Distance table ``[M + 1, D]`` -> per-head position keys ``[M + 1, H, Dh]``."""
+        return self.pos_proj(table).unflatten(-1, (self.num_heads, self.head_dim))
+
+    def _residual(self, i: int, x: Tensor, y: Tensor, norm: nn.LayerNorm) -> Tensor:
+        if self.gates is not None:
+            out = self.gates[i](x, F.relu(y) if self.pre_norm else y)
+        else:
+            out = x + y
+        return out if self.pre_norm else norm(out)
+
+    def forward(self, h: Tensor, keys: Tensor, values: Tensor, visible: Tensor,
+                pos_keys: Tensor | None, distance: Tensor) -> Tensor:
+        """One block over a segment.
+
+        :param h: layer input ``[B, N, D]``.
+        :param keys: memory + segment keys ``[B, H, M + N, Dh]``; ``values`` likewise.
+        :param visible: ``[B, 1, N, M + N]`` bool, which keys each query may attend to.
+        :param pos_keys: ``[M + 1, H, Dh]`` projected distance table, or None.
+        :param distance: ``[N, M + N]`` int64 query-key distance clamped to 0..M.
+        :return: layer output ``[B, N, D]``.
+        """
+        q = self._heads(self.query(self.norm_attn(h) if self.pre_norm else h))  # [B, H, N, Dh]
+        scale = 1.0 / math.sqrt(self.head_dim)
+        if pos_keys is None:
+            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible)
+        else:
+            # Transformer-XL: (q + u).k_j + (q + v).r_{i-j}, both scaled by 1/sqrt(Dh).
+            by_distance = torch.einsum("bhnd,khd->bhnk", q + self.position_bias[:, None], pos_keys)
+            bias = by_distance.gather(-1, distance.expand(*by_distance.shape[:2], -1, -1))
+            bias = (bias * scale).masked_fill(~visible, float("-inf"))  # [B, H, N, M + N]
+            attn = F.scaled_dot_product_attention(q + self.content_bias[:, None], keys, values,
+                                                  attn_mask=bias)
+        y = self.out(attn.transpose(1, 2).flatten(2))  # [B, N, D]
+        h = self._residual(0, h, y, self.norm_attn)
+        y = self.ff(self.norm_ff(h) if self.pre_norm else h)
+        return self._residual(1, h, y, self.norm_ff)
+
+
+class TransformerXL(nn.Module):
+    """Transformer-XL encoder with a per-row, per-episode sliding-window memory.
+
+    >>> trxl = TransformerXL(TrXLConfig(input_dim=8, dim=32, num_heads=4, memory_length=16))
+    >>> state = trxl.initial_state(batch_size=3)
+    >>> y, state = trxl(torch.randn(3, 5, 8), state, torch.zeros(3, 5, dtype=torch.bool))
+    >>> y.shape
+    torch.Size([3, 5, 32])
+    """
+
+    def __init__(self, config: TrXLConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.input_proj = nn.Linear(config.input_dim, config.dim)
+        self.layers = nn.ModuleList(TrXLLayer(config) for _ in range(config.num_layers))
+        self.final_norm = nn.LayerNorm(config.dim) if config.norm == "pre" else nn.Identity()
+        if config.positional_encoding == "learned":
+            self.distance_table = nn.Parameter(
+                0.02 * torch.randn(config.memory_length + 1, config.dim))
+
+    @property
+    def output_dim(self) -> int:
+        return self.config.dim
+
+    def _check_memory_length(self, memory_length: int) -> None:
+        cfg = self.config
+        _check_int("memory_length", memory_length, minimum=0)
+        if cfg.positional_encoding == "learned" and memory_length != cfg.memory_length:
+            raise ValueError(
+                f"memory_length: a model with positional_encoding='learned' has a table over "
+                f"distances 0..{cfg.memory_length} and cannot run with memory_length "
+                f"{memory_length}; train with 'relative' or 'none' to change M at inference"
+            )
+
+    def initial_state(self, batch_size: int, device: torch.device | str | None = None,
+                      dtype: torch.dtype | None = None, memory_length: int | None = None,
+                      kv_cache: bool = True) -> MemoryState:
+        """Empty memory for ``batch_size`` rows.
+
+        :param device: defaults to the module's device.
+        :param dtype: storage dtype of the hidden states (e.g. ``torch.bfloat16``); defaults to
+            the module's dtype. Computation always runs in the module's dtype.
+        :param memory_length: run with a memory of this length instead of the configured M
+            (allowed for "relative", "none" and "absolute" encodings; "learned" has a fixed table).
+        :param kv_cache: keep projected keys/values of the memory between inference calls.
+        """
+        _check_int("batch_size", batch_size, minimum=1)
+        m = self.config.memory_length if memory_length is None else memory_length
+        self._check_memory_length(m)
+        param = self.input_proj.weight
+        device = param.device if device is None else torch.device(device)
+        cfg = self.config
+        return MemoryState(
+            hidden=torch.zeros(batch_size, cfg.num_layers, m, cfg.dim, device=device,
+                               dtype=dtype or param.dtype),
+            valid=torch.zeros(batch_size, m, dtype=torch.bool, device=device),
+            position=torch.zeros(batch_size, dtype=torch.long, device=device),
+            use_cache=kv_cache,
+        )
+
+    def weights_tag(self) -> tuple:
+        """Changes whenever a torch optimizer steps or any parameter is replaced or modified in
+        place (``load_state_dict``, ``.to()``, manual edits), so that caches built with older
+        weights are detected and rebuilt."""
+        return (_optimizer_steps, *((p.data_ptr(), p._version) for p in self.parameters()))
+
+    def _distance_table(self, memory_length: int, like: Tensor) -> Tensor | None:
+        """``[M + 1, D]`` encodings of query-key distances 0..M, or None without one."""
+        enc = self.config.positional_encoding
+        if enc == "learned":
+            return self.distance_table
+        if enc == "relative":
+            distances = torch.arange(memory_length + 1, device=like.device)
+            return sinusoid(distances, self.config.dim).to(like.dtype)
+        return None
+
+    def _validate(self, x: Tensor, state: MemoryState, episode_start: Tensor) -> None:
+        cfg = self.config
+        if x.dim() != 3 or x.shape[-1] != cfg.input_dim:
+            raise ValueError(f"x must have shape [B, N, {cfg.input_dim}], got {tuple(x.shape)}")
+        if episode_start.shape != x.shape[:2] or episode_start.dtype != torch.bool:
+            raise ValueError(
+                f"episode_start must be a bool tensor of shape {tuple(x.shape[:2])}, "
+                f"got {episode_start.dtype} {tuple(episode_start.shape)}"
+            )
+        b, layers, _, dim = state.hidden.shape
+        if (b, layers, dim) != (x.shape[0], cfg.num_layers, cfg.dim):
+            raise ValueError(
+                f"state must hold [B={x.shape[0]}, L={cfg.num_layers}, M, D={cfg.dim}] hidden "
+                f"states, got {tuple(state.hidden.shape)}"
+            )
+        self._check_memory_length(state.memory_length)
+
+    def forward(self, x: Tensor, state: MemoryState, episode_start: Tensor
+                ) -> tuple[Tensor, MemoryState]:
+        """Encode a segment of N tokens per row.
+
+        :param x: ``[B, N, input_dim]`` inputs.
+        :param state: memory before the segment (from :meth:`initial_state` or a previous call).
+        :param episode_start: ``[B, N]`` bool, True where a token is the first of an episode:
+            the memory before it becomes invisible to it and to every later token.
+        :return: outputs ``[B, N, D]`` and the memory after the segment.
+        """
+        self._validate(x, state, episode_start)
+        n, m = x.shape[1], state.memory_length
+        dev = x.device
+
+        # Episode bookkeeping. Episode ids inside the call: 0 = continues the memory's episode.
+        seg_episode = episode_start.long().cumsum(1)  # [B, N]
+        mem_episode = torch.where(state.valid, 0, -1)  # [B, M]
+        key_episode = torch.cat([mem_episode, seg_episode], 1)  # [B, M + N]
+        q_idx = torch.arange(n, device=dev)[:, None]
+        k_idx = torch.arange(m + n, device=dev)[None, :]
+        distance = m + q_idx - k_idx  # [N, M + N]
+        in_window = (distance >= 0) & (distance <= m)
+        visible = (key_episode[:, None, :] == seg_episode[:, :, None]) & in_window  # [B,N,M+N]
+        visible = visible[:, None]  # [B, 1, N, M + N]
+        distance = distance.clamp(0, m)
+
+        # Index of every token within its episode (used by the absolute encoding).
+        starts = torch.where(episode_start, q_idx.T, -1).cummax(1).values  # [B, N]
+        position = torch.where(starts >= 0, q_idx.T - starts, state.position[:, None] + q_idx.T)
+
+        h = self.input_proj(x)  # [B, N, D]
+        if self.config.positional_encoding == "absolute":
+            h = h + sinusoid(position, self.config.dim).to(h.dtype)
+
+        tag = self.weights_tag() if state.use_cache else None
+        cached = (state.keys is not None and state.cache_tag == tag
+                  and not torch.is_grad_enabled())
+        memory = state.hidden.detach().to(h.dtype)  # stop-gradient: [B, L, M, D]
+        table = None if cached else self._distance_table(m, h)
+        layer_inputs, keys_out, values_out, pos_out = [], [], [], []
+        for i, layer in enumerate(self.layers):
+            layer_inputs.append(h)
+            if cached:
+                mem_k, mem_v = state.keys[i], state.values[i]
+                pos_keys = state.pos_keys[i] if state.pos_keys is not None else None
+            else:
+                mem_k, mem_v = layer.project_kv(memory[:, i])
+                pos_keys = layer.project_positions(table) if table is not None else None
+            seg_k, seg_v = layer.project_kv(h)
+            keys = torch.cat([mem_k, seg_k], 2)  # [B, H, M + N, Dh]
+            values = torch.cat([mem_v, seg_v], 2)
+            h = layer(h, keys, values, visible, pos_keys, distance)
+            keys_out.append(keys.narrow(2, n, m).detach())
+            values_out.append(values.narrow(2, n, m).detach())
+            if pos_keys is not None:
+                pos_out.append(pos_keys.detach())
+        y = self.final_norm(h)
+
+        new_inputs = torch.stack(layer_inputs, 1).detach().to(state.hidden.dtype)  # [B,L,N,D]
+        new_state = MemoryState(
+            hidden=torch.cat([state.hidden.detach(), new_inputs], 2).narrow(2, n, m),
+            valid=(key_episode == seg_episode[:, -1:]).narrow(1, n, m),
+            position=position[:, -1] + 1,
+            use_cache=state.use_cache,
+        )
+        if state.use_cache:
+            new_state.keys, new_state.values = tuple(keys_out), tuple(values_out)
+            new_state.pos_keys = tuple(pos_out) if pos_out else None
+            new_state.cache_tag = tag
+        return y, new_state
+
+    def step(self, x: Tensor, state: MemoryState, episode_start: Tensor
+             ) -> tuple[Tensor, MemoryState]:
+        """One token per row: ``x`` ``[B, input_dim]``, ``episode_start`` ``[B]`` bool ->
+        ``([B, D], state)``. The same computation as :meth:`forward` with N = 1."""
+        if x.dim() != 2:
+            raise ValueError(f"x must have shape [B, {self.config.input_dim}], got "
+                             f"{tuple(x.shape)}")
+        if episode_start.dim() != 1:
+            raise ValueError(f"episode_start must have shape [B], got "
+                             f"{tuple(episode_start.shape)}")
+        y, state = self.forward(x[:, None], state, episode_start[:, None])
+        return y[:, 0], state
+
+
+__all__ = ["TrXLConfig", "TransformerXL", "MemoryState", "sinusoid"]
