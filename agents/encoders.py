@@ -1,0 +1,230 @@
+"""Observation encoders, chosen from the observation space.
+
+``make_encoder(space)`` returns an :class:`ObservationEncoder`: an ``nn.Module`` with an
+``output_dim`` attribute whose ``forward(obs)`` maps a batch of observations to features
+``[B, output_dim]``. Observations arrive as torch tensors (a dict of tensors for ``Dict``
+spaces) with a leading batch dimension and in the space's own dtype: ``uint8`` images stay
+``uint8`` until the encoder converts them, so rollout storage can keep them small.
+
+Which encoder a space gets:
+
+=====================================================  =========================================
+space                                                  encoder
+=====================================================  =========================================
+``Box``, integer dtype, shape ``(H, W, C)``,           :class:`GridEmbeddingEncoder` (symbolic
+``0 <= low``, ``max(high) < 255``                      grids such as MiniGrid's object/colour/state)
+``Box``, ``uint8``, shape ``(H, W, C)``, high 255      :class:`NatureCNNEncoder` (images)
+``Box`` with one dimension, ``Discrete``,              :class:`MLPEncoder`
+``MultiBinary``
+``Dict`` of the above                                  :class:`DictEncoder` (sorted keys, concat)
+=====================================================  =========================================
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from gymnasium import spaces
+from torch import Tensor, nn
+
+SUPPORTED_SPACES = (
+    "Box(H, W, C) with integer dtype, low >= 0 and max(high) < 255 (symbolic grid); "
+    "Box(H, W, C) uint8 with high 255 and H, W >= 36 (image); "
+    "Box(n,) of any dtype, Discrete, MultiBinary (vector); "
+    "Dict of these"
+)
+
+
+def _orthogonal_init(module: nn.Module, gain: float = math.sqrt(2)) -> None:
+    """PPO's usual initialisation: orthogonal weights, zero bias, for Linear and Conv2d."""
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        nn.init.orthogonal_(module.weight, gain)
+        nn.init.zeros_(module.bias)
+
+
+class ObservationEncoder(nn.Module):
+    """Base class: maps a batch of observations to features ``[B, output_dim]``."""
+
+    output_dim: int
+
+    def forward(self, obs: Tensor | dict[str, Tensor]) -> Tensor:
+        raise NotImplementedError
+
+
+class GridEmbeddingEncoder(ObservationEncoder):
+    """Symbolic grid ``[B, H, W, C]`` (integers) -> ``[B, out_dim]``.
+
+    Every channel has its own vocabulary (MiniGrid: object type, colour, door state), so each
+    channel ``c`` gets its own ``nn.Embedding`` with ``high_c + 1`` rows; the embeddings of all
+    cells and channels are concatenated, flattened and projected by Linear + ReLU.
+
+    Values are not range-checked in ``forward`` (it runs every environment step): a value
+    above ``high_c`` raises an ``IndexError`` from ``nn.Embedding`` on CPU and a device-side
+    assert on CUDA, so the observation space must declare the true per-channel ``high``.
+
+    :param space: ``Box`` of shape ``(H, W, C)`` with integer dtype and ``low >= 0``.
+    :param out_dim: feature size.
+    :param embed_dim: embedding size per channel value.
+    """
+
+    def __init__(self, space: spaces.Box, out_dim: int = 256, embed_dim: int = 8) -> None:
+        super().__init__()
+        height, width, channels = space.shape
+        # Highest value of each channel over all cells: (C,)
+        channel_high = np.asarray(space.high).reshape(-1, channels).max(axis=0)
+        self.embeddings = nn.ModuleList(
+            nn.Embedding(int(high) + 1, embed_dim) for high in channel_high
+        )
+        self.linear = nn.Linear(height * width * channels * embed_dim, out_dim)
+        _orthogonal_init(self.linear)
+        self.output_dim = out_dim
+
+    def forward(self, obs: Tensor) -> Tensor:
+        """:param obs: ``[B, H, W, C]`` integers. :return: ``[B, out_dim]``."""
+        obs = obs.long()
+        # (B, H, W, C * embed_dim)
+        embedded = torch.cat(
+            [embedding(obs[..., c]) for c, embedding in enumerate(self.embeddings)], dim=-1
+        )
+        return torch.relu(self.linear(embedded.flatten(1)))
+
+
+class NatureCNNEncoder(ObservationEncoder):
+    """Image ``[B, H, W, C]`` uint8 -> ``[B, out_dim]``: the Nature DQN CNN (Mnih et al. 2015).
+
+    conv 8x8/4 -> 32, conv 4x4/2 -> 64, conv 3x3/1 -> 64 (ReLU after each), flatten,
+    Linear -> ``out_dim``, ReLU. For 84x84x3 this is the CNN of CleanRL's ``ppo_trxl``.
+    Pixels are scaled by 1/255 and moved to channels-first inside ``forward``.
+
+    :param space: ``Box`` of shape ``(H, W, C)``, uint8, with ``H, W >= 36`` (the smallest
+        image the three convolutions leave at least one pixel of).
+    :param out_dim: feature size.
+    """
+
+    MIN_SIDE = 36
+
+    def __init__(self, space: spaces.Box, out_dim: int = 512) -> None:
+        super().__init__()
+        height, width, channels = space.shape
+        if min(height, width) < self.MIN_SIDE:
+            raise ValueError(
+                f"image observation space {space} is smaller than {self.MIN_SIDE} pixels in a "
+                f"side, too small for the Nature CNN (images are expected as (H, W, C)); "
+                f"if this is a symbolic grid, declare its true per-channel `high` (< 255) "
+                f"so that it gets a GridEmbeddingEncoder"
+            )
+        self.cnn = nn.Sequential(
+            nn.Conv2d(channels, 32, kernel_size=8, stride=4),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, kernel_size=4, stride=2),
+            nn.ReLU(),
+            nn.Conv2d(64, 64, kernel_size=3, stride=1),
+            nn.ReLU(),
+            nn.Flatten(),
+        )
+        with torch.no_grad():
+            flat_dim = self.cnn(torch.zeros(1, channels, height, width)).shape[1]
+        self.linear = nn.Linear(flat_dim, out_dim)
+        self.apply(_orthogonal_init)
+        self.output_dim = out_dim
+
+    def forward(self, obs: Tensor) -> Tensor:
+        """:param obs: ``[B, H, W, C]`` uint8. :return: ``[B, out_dim]``."""
+        # (B, H, W, C) -> (B, C, H, W), in [0, 1]
+        pixels = obs.permute(0, 3, 1, 2).float() / 255.0
+        return torch.relu(self.linear(self.cnn(pixels)))
+
+
+class MLPEncoder(ObservationEncoder):
+    """Vector ``[B, n]`` -> ``[B, out_dim]``: Linear + ReLU + Linear + ReLU.
+
+    ``Discrete(n, start)`` observations ``[B]`` are one-hot encoded to ``[B, n]`` first;
+    ``MultiBinary`` and integer ``Box`` observations are cast to float (and flattened).
+
+    :param space: ``Box`` with one dimension, ``Discrete`` or ``MultiBinary``.
+    :param out_dim: feature size.
+    """
+
+    def __init__(self, space: spaces.Box | spaces.Discrete | spaces.MultiBinary,
+                 out_dim: int = 64) -> None:
+        super().__init__()
+        if isinstance(space, spaces.Discrete):
+            self.num_classes: int | None = int(space.n)
+            self.start = int(space.start)
+            in_dim = self.num_classes
+        else:
+            self.num_classes = None
+            in_dim = int(np.prod(space.shape))
+        self.mlp = nn.Sequential(
+            nn.Linear(in_dim, out_dim), nn.ReLU(), nn.Linear(out_dim, out_dim), nn.ReLU()
+        )
+        self.apply(_orthogonal_init)
+        self.output_dim = out_dim
+
+    def forward(self, obs: Tensor) -> Tensor:
+        """:param obs: ``[B, n]`` (``[B]`` for ``Discrete``). :return: ``[B, out_dim]``."""
+        if self.num_classes is not None:
+            # (B,) -> (B, n)
+            obs = nn.functional.one_hot(obs.long() - self.start, self.num_classes)
+        return self.mlp(obs.flatten(1).float())
+
+
+class DictEncoder(ObservationEncoder):
+    """``Dict`` observation -> ``[B, sum of the parts' output_dim]``.
+
+    Each key is encoded by the encoder its own space selects; features are concatenated in
+    sorted key order.
+
+    :param space: ``Dict`` space.
+    :param out_dim: passed to every part's encoder (``None``: each part's default).
+    """
+
+    def __init__(self, space: spaces.Dict, out_dim: int | None = None) -> None:
+        super().__init__()
+        self.keys = sorted(space.spaces)
+        self.parts = nn.ModuleDict({key: make_encoder(space[key], out_dim) for key in self.keys})
+        self.output_dim = sum(part.output_dim for part in self.parts.values())
+
+    def forward(self, obs: dict[str, Tensor]) -> Tensor:
+        """:param obs: key -> ``[B, ...]``. :return: ``[B, output_dim]``."""
+        return torch.cat([self.parts[key](obs[key]) for key in self.keys], dim=-1)
+
+
+def _is_symbolic_grid(space: spaces.Box) -> bool:
+    return (
+        np.issubdtype(space.dtype, np.integer)
+        and len(space.shape) == 3
+        and bool(np.all(space.low >= 0))
+        and int(np.max(space.high)) < 255
+    )
+
+
+def _is_image(space: spaces.Box) -> bool:
+    return space.dtype == np.uint8 and len(space.shape) == 3 and int(np.max(space.high)) == 255
+
+
+def make_encoder(space: spaces.Space, out_dim: int | None = None) -> ObservationEncoder:
+    """Choose the encoder for an observation space (rules in the module docstring).
+
+    :param space: the (single-environment) observation space.
+    :param out_dim: feature size; ``None`` keeps the encoder's default (grid 256, image 512,
+        vector 64).
+    :raises ValueError: for a space no rule covers, naming it and listing what is supported.
+    """
+    kwargs = {} if out_dim is None else {"out_dim": out_dim}
+    if isinstance(space, spaces.Dict):
+        return DictEncoder(space, out_dim)
+    if isinstance(space, spaces.Box):
+        if _is_symbolic_grid(space):
+            return GridEmbeddingEncoder(space, **kwargs)
+        if _is_image(space):
+            return NatureCNNEncoder(space, **kwargs)
+        if len(space.shape) == 1:
+            return MLPEncoder(space, **kwargs)
+    if isinstance(space, (spaces.Discrete, spaces.MultiBinary)):
+        return MLPEncoder(space, **kwargs)
+    raise ValueError(
+        f"no observation encoder for space {space}; supported: {SUPPORTED_SPACES}"
+    )

@@ -1,0 +1,102 @@
+"""The PPO agent: observation encoder -> Transformer-XL memory -> policy and value heads."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from gymnasium import spaces
+from torch import Tensor, nn
+
+from trxl_rl.memory import MemoryState, TransformerXL, TrXLConfig
+
+from .distributions import ActionDistribution, make_action_head
+from .encoders import make_encoder
+
+Obs = Tensor | dict[str, Tensor]
+
+
+class ActOutput(NamedTuple):
+    """What the agent did for one step of B envs."""
+
+    action: Tensor  # [B, *action_shape]
+    log_prob: Tensor  # [B]
+    value: Tensor  # [B]
+    state: MemoryState  # memory after this step
+
+
+class EvalOutput(NamedTuple):
+    """Recomputed outputs for segments ``[C, N]`` (C chunks of N steps)."""
+
+    log_prob: Tensor  # [C, N]
+    entropy: Tensor  # [C, N]
+    value: Tensor  # [C, N]
+
+
+def _flatten_obs(obs: Obs, lead: int) -> tuple[Obs, tuple[int, ...]]:
+    """Merge the first ``lead`` dims of every observation tensor into one batch dim."""
+    if isinstance(obs, dict):
+        flat = {k: _flatten_obs(v, lead)[0] for k, v in obs.items()}
+        return flat, next(iter(obs.values())).shape[:lead]
+    return obs.flatten(0, lead - 1), obs.shape[:lead]
+
+
+class TrXLAgent(nn.Module):
+    """Actor-critic with a Transformer-XL memory; the spaces choose encoder and action head.
+
+    :param observation_space: a single env's observation space.
+    :param action_space: a single env's action space (Discrete or MultiDiscrete).
+    :param memory: the :class:`trxl_rl.TrXLConfig` fields except ``input_dim``.
+    :param encoder_dim: encoder output size (None: the encoder's default).
+    """
+
+    def __init__(self, observation_space: spaces.Space, action_space: spaces.Space,
+                 memory: dict, encoder_dim: int | None = None) -> None:
+        super().__init__()
+        self.encoder = make_encoder(observation_space, encoder_dim)
+        self.memory = TransformerXL(TrXLConfig(input_dim=self.encoder.output_dim, **memory))
+        dim = self.memory.output_dim
+        self.policy_body = nn.Sequential(nn.Linear(dim, dim), nn.ReLU())
+        self.action_head = make_action_head(action_space, dim)
+        self.value_head = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, 1))
+        nn.init.orthogonal_(self.value_head[-1].weight, gain=1.0)
+        nn.init.zeros_(self.value_head[-1].bias)
+
+    def initial_state(self, batch_size: int, **kwargs) -> MemoryState:
+        """Empty memory for ``batch_size`` envs (see :meth:`TransformerXL.initial_state`)."""
+        return self.memory.initial_state(batch_size, **kwargs)
+
+    def _heads(self, features: Tensor) -> tuple[ActionDistribution, Tensor]:
+        """features ``[B, D]`` -> (action distribution over B, values ``[B]``)."""
+        return self.action_head(self.policy_body(features)), self.value_head(features)[..., 0]
+
+    @torch.no_grad()
+    def act(self, obs: Obs, state: MemoryState, episode_start: Tensor,
+            deterministic: bool = False) -> ActOutput:
+        """One rollout step. obs ``[B, ...]``, episode_start ``[B]`` bool."""
+        features, state = self.memory.step(self.encoder(obs), state, episode_start)
+        dist, value = self._heads(features)
+        action = dist.mode() if deterministic else dist.sample()
+        return ActOutput(action, dist.log_prob(action), value, state)
+
+    @torch.no_grad()
+    def value(self, obs: Obs, state: MemoryState, episode_start: Tensor) -> Tensor:
+        """V(obs | memory) ``[B]`` without advancing the memory (the state is not returned)."""
+        features, _ = self.memory.step(self.encoder(obs), state, episode_start)
+        return self.value_head(features)[..., 0]
+
+    def evaluate(self, obs: Obs, actions: Tensor, state: MemoryState,
+                 episode_start: Tensor) -> EvalOutput:
+        """Recompute segments in parallel with the current weights.
+
+        :param obs: ``[C, N, ...]`` observations of C chunks of N steps.
+        :param actions: ``[C, N, *action_shape]`` actions taken.
+        :param state: memory before each chunk (``C`` rows).
+        :param episode_start: ``[C, N]`` bool.
+        """
+        flat, (c, n) = _flatten_obs(obs, 2)
+        x = self.encoder(flat).unflatten(0, (c, n))  # [C, N, E]
+        features, _ = self.memory(x, state, episode_start)  # [C, N, D]
+        dist, value = self._heads(features.flatten(0, 1))
+        log_prob = dist.log_prob(actions.flatten(0, 1))
+        return EvalOutput(log_prob.view(c, n), dist.entropy().view(c, n), value.view(c, n))

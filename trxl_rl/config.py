@@ -1,0 +1,253 @@
+"""Training configuration: dataclasses that YAML presets map onto 1:1.
+
+A preset (``configs/*.yaml``, shipped inside the package as ``trxl_rl.configs``) holds any
+subset of the fields below; unknown keys and ill-typed values are errors
+(:class:`ConfigError`), never silently ignored. Command-line overrides use dotted names:
+``--ppo.learning_rate 1e-3``, ``--model.memory_length 0``, ``--env.kwargs.obs rgb``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user can fix; the message is one line."""
+
+
+@dataclass
+class EnvConfig:
+    """:param id: environment id (``trxl_rl.envs.make_env``).
+    :param kwargs: keyword arguments of ``make_env`` (e.g. ``obs: rgb``).
+    :param num_envs: parallel environments, each with its own memory.
+    :param vectorization: ``sync`` (one process) or ``async`` (subprocess per env)."""
+
+    id: str = "MiniGrid-MemoryS9-v0"
+    kwargs: dict = field(default_factory=dict)
+    num_envs: int = 16
+    vectorization: str = "sync"
+
+
+@dataclass
+class ModelConfig:
+    """Agent = observation encoder -> Transformer-XL memory -> policy and value heads.
+
+    :param encoder_dim: encoder output size (None: the encoder's default).
+    The other fields are those of :class:`trxl_rl.TrXLConfig`."""
+
+    encoder_dim: int | None = None
+    dim: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    memory_length: int = 64
+    positional_encoding: str = "relative"
+    gating: bool = False
+    norm: str = "pre"
+
+
+@dataclass
+class PPOConfig:
+    """PPO hyperparameters. ``rollout_steps`` per env per update; updates run over
+    (env, segment) chunks of ``segment_length`` steps, which must divide ``rollout_steps``."""
+
+    rollout_steps: int = 256
+    segment_length: int = 32
+    epochs: int = 4
+    minibatches: int = 8
+    gamma: float = 0.995
+    gae_lambda: float = 0.95
+    clip_coef: float = 0.1
+    clip_value_loss: bool = True
+    value_coef: float = 0.5
+    entropy_coef: float = 0.001
+    entropy_coef_final: float | None = None  # None: constant; else linear to this value
+    learning_rate: float = 3e-4
+    learning_rate_final: float | None = None  # None: constant; else linear to this value
+    weight_decay: float = 0.0
+    adam_eps: float = 1e-5
+    max_grad_norm: float = 0.5
+    norm_advantages: bool = True
+    target_kl: float | None = None
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs.
+
+    :param total_steps: environment steps (all envs together) to train for.
+    :param device: ``auto`` (cuda if available), ``cpu`` or ``cuda``.
+    :param threads: torch CPU threads (None: torch's default).
+    :param checkpoint_every: updates between checkpoints (one is always written at the end).
+    :param eval_episodes: episodes of the final evaluation on seeds not used in training
+        (0 disables it).
+    """
+
+    env: EnvConfig = field(default_factory=EnvConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    seed: int = 1
+    total_steps: int = 500_000
+    device: str = "auto"
+    threads: int | None = None
+    run_name: str | None = None
+    log_dir: str = "runs"
+    checkpoint_every: int = 25
+    eval_episodes: int = 100
+    progress: bool = True
+
+    def validate(self) -> TrainConfig:
+        """Check the values that types cannot; raise :class:`ConfigError`."""
+        ppo, model = self.ppo, self.model
+        positive = {
+            "env.num_envs": self.env.num_envs, "ppo.rollout_steps": ppo.rollout_steps,
+            "ppo.segment_length": ppo.segment_length, "ppo.epochs": ppo.epochs,
+            "ppo.minibatches": ppo.minibatches, "total_steps": self.total_steps,
+            "model.dim": model.dim, "model.num_layers": model.num_layers,
+            "model.num_heads": model.num_heads, "checkpoint_every": self.checkpoint_every,
+            "ppo.learning_rate": ppo.learning_rate,
+        }
+        for name, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"{name} must be > 0, got {value}")
+        if model.memory_length < 0:
+            raise ConfigError(f"model.memory_length must be >= 0, got {model.memory_length}")
+        if ppo.rollout_steps % ppo.segment_length:
+            raise ConfigError(
+                f"ppo.segment_length ({ppo.segment_length}) must divide ppo.rollout_steps "
+                f"({ppo.rollout_steps})"
+            )
+        chunks = self.env.num_envs * ppo.rollout_steps // ppo.segment_length
+        if chunks % ppo.minibatches:
+            raise ConfigError(
+                f"ppo.minibatches ({ppo.minibatches}) must divide the number of segments per "
+                f"update, env.num_envs * ppo.rollout_steps / ppo.segment_length = {chunks}"
+            )
+        if model.dim % model.num_heads:
+            raise ConfigError(
+                f"model.dim ({model.dim}) must be divisible by model.num_heads "
+                f"({model.num_heads})"
+            )
+        choices = {
+            "device": (self.device, ("auto", "cpu", "cuda")),
+            "env.vectorization": (self.env.vectorization, ("sync", "async")),
+            "model.positional_encoding": (model.positional_encoding,
+                                          ("relative", "absolute", "learned", "none")),
+            "model.norm": (model.norm, ("pre", "post")),
+        }
+        for name, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        for name in ("gamma", "gae_lambda"):
+            if not 0.0 <= getattr(ppo, name) <= 1.0:
+                raise ConfigError(f"ppo.{name} must be in [0, 1], got {getattr(ppo, name)}")
+        return self
+
+
+# Short names of the presets shipped in trxl_rl.configs (the repository's configs/ folder).
+PRESETS = {
+    "MiniGrid-Memory": "minigrid_memory.yaml",
+    "MiniGrid-Memory-RGB": "minigrid_memory_rgb.yaml",
+    "CueRecall": "cue_recall.yaml",
+}
+
+
+def preset_path(name: str) -> Path | None:
+    """The YAML file of a preset short name, or None if ``name`` is not one."""
+    if name not in PRESETS:
+        return None
+    return Path(str(resources.files("trxl_rl.configs").joinpath(PRESETS[name])))
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Load a YAML mapping with ``yaml.safe_load``; errors become :class:`ConfigError`."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} not found") from None
+    except (OSError, yaml.YAMLError) as err:
+        reason = str(err).splitlines()[0]
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {reason}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of config keys")
+    return data
+
+
+def _check_type(name: str, value: Any, hint: Any) -> Any:
+    """Return ``value`` converted to ``hint`` where that is lossless, else raise."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        hint = next(o for o in options if o is not type(None))
+        origin = typing.get_origin(hint)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    expected = origin or hint
+    if expected is int and isinstance(value, float) and value.is_integer():
+        value = int(value)  # 5e5 in YAML is a float
+    if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
+        raise ConfigError(
+            f"config key {name} must be {getattr(expected, '__name__', expected)}, "
+            f"got {value!r}"
+        )
+    return value
+
+
+def _merge(obj: Any, data: dict, prefix: str = "") -> Any:
+    """Set the fields of dataclass ``obj`` from ``data``, recursively, with checks."""
+    hints = typing.get_type_hints(type(obj))
+    known = {f.name for f in dataclasses.fields(obj)}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if key not in known:
+            raise ConfigError(
+                f"unknown config key {name!r}; known keys here: {', '.join(sorted(known))}"
+            )
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {name} must be a mapping, got {value!r}")
+            _merge(current, value, prefix=f"{name}.")
+        else:
+            setattr(obj, key, _check_type(name, value, hints[key]))
+    return obj
+
+
+def build_config(base: dict | None = None, overrides: dict | None = None) -> TrainConfig:
+    """Defaults, then ``base`` (a preset or config file), then ``overrides`` (flat dotted
+    keys, values already parsed), validated."""
+    cfg = _merge(TrainConfig(), base or {})
+    for dotted, value in (overrides or {}).items():
+        *parents, leaf = dotted.split(".")
+        nested: dict = {leaf: value}
+        for parent in reversed(parents):
+            nested = {parent: nested}
+        if parents[:2] == ["env", "kwargs"] and len(parents) >= 2:
+            cfg.env.kwargs = _deep_update(cfg.env.kwargs, nested["env"]["kwargs"])
+            continue
+        _merge(cfg, nested)
+    return cfg.validate()
+
+
+def _deep_update(target: dict, update: dict) -> dict:
+    out = dict(target)
+    for key, value in update.items():
+        out[key] = _deep_update(out.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
+def config_to_dict(cfg: TrainConfig) -> dict:
+    """Plain-data form (YAML/JSON/checkpoint metadata)."""
+    return dataclasses.asdict(cfg)

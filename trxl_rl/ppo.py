@@ -1,0 +1,80 @@
+"""PPO losses and the update over (env, segment) minibatches (Schulman et al. 2017)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from trxl_rl.config import PPOConfig
+from trxl_rl.rollout import Rollout
+
+
+def linear_schedule(start: float, end: float | None, progress: float) -> float:
+    """``start`` -> ``end`` linearly as ``progress`` goes 0 -> 1 (constant if ``end`` is None)."""
+    return start if end is None else start + (end - start) * min(max(progress, 0.0), 1.0)
+
+
+def ppo_update(agent: nn.Module, optimizer: torch.optim.Optimizer, rollout: Rollout,
+               cfg: PPOConfig, entropy_coef: float, generator: torch.Generator | None = None
+               ) -> dict[str, float]:
+    """Run ``cfg.epochs`` epochs of clipped-PPO minibatch updates on ``rollout``.
+
+    Every minibatch recomputes its segments in parallel from the stored memory; before the
+    first optimizer step this must reproduce the rollout exactly, which is logged as
+    ``losses/first_minibatch_approx_kl`` (~0).
+
+    :return: scalars keyed by their TensorBoard names.
+    """
+    clip = cfg.clip_coef
+    sums: dict[str, float] = {}
+    count = 0
+    first_kl = None
+    stop = False
+    for _ in range(cfg.epochs):
+        for mb in rollout.minibatches(cfg.segment_length, cfg.minibatches, generator):
+            out = agent.evaluate(mb.obs, mb.actions, mb.memory, mb.episode_start)
+            log_ratio = out.log_prob - mb.log_probs
+            ratio = log_ratio.exp()
+            with torch.no_grad():
+                approx_kl = ((ratio - 1) - log_ratio).mean()  # k3 estimator (Schulman 2020)
+                clipfrac = ((ratio - 1).abs() > clip).float().mean()
+            if first_kl is None:
+                first_kl = approx_kl.item()
+
+            adv = mb.advantages
+            if cfg.norm_advantages:
+                adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+            pg_loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip)).mean()
+
+            value_error = (out.value - mb.returns).square()
+            if cfg.clip_value_loss:
+                clipped = mb.values + (out.value - mb.values).clamp(-clip, clip)
+                value_error = torch.max(value_error, (clipped - mb.returns).square())
+            value_loss = 0.5 * value_error.mean()
+            entropy = out.entropy.mean()
+            loss = pg_loss + cfg.value_coef * value_loss - entropy_coef * entropy
+
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+
+            for key, value in (("policy_loss", pg_loss), ("value_loss", value_loss),
+                               ("entropy", entropy), ("approx_kl", approx_kl),
+                               ("clipfrac", clipfrac), ("grad_norm", grad_norm)):
+                sums[key] = sums.get(key, 0.0) + value.item()
+            count += 1
+            if cfg.target_kl is not None and approx_kl.item() > cfg.target_kl:
+                stop = True
+                break
+        if stop:
+            break
+
+    values, returns = rollout.values.flatten(), rollout.returns.flatten()
+    var = returns.var()
+    explained = (1 - (returns - values).var() / var).item() if var > 0 else float("nan")
+    stats = {f"losses/{key}": total / count for key, total in sums.items()}
+    stats["losses/first_minibatch_approx_kl"] = first_kl
+    stats["losses/explained_variance"] = explained
+    stats["losses/minibatch_updates"] = float(count)
+    return stats

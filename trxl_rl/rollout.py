@@ -1,0 +1,179 @@
+"""Rollout storage, GAE, and (env, segment) minibatches with their stored memory.
+
+The rollout keeps everything the update needs to recompute what the agent did: for every
+step the observation, action, log-prob, value and episode-start flag, and each layer's input
+hidden state (the token's entry in the Transformer-XL memory). The M hidden states *before*
+the rollout (the memory the envs carried in) are stored too, so a segment at the start of the
+rollout gets the same memory the agent had.
+
+Shapes: T steps, B envs, M memory length, L layers, D model dim, N segment length,
+C chunks (segments) in a minibatch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from gymnasium import spaces
+from torch import Tensor
+
+from trxl_rl.memory import MemoryState
+
+Obs = Tensor | dict[str, Tensor]
+
+
+def tree_map(fn: Callable[[Tensor], Tensor], obs: Obs) -> Obs:
+    """Apply ``fn`` to an observation tensor or to every tensor of a (nested) dict of them."""
+    if isinstance(obs, dict):
+        return {key: tree_map(fn, value) for key, value in obs.items()}
+    return fn(obs)
+
+
+def obs_to_tensor(obs, device: torch.device) -> Obs:
+    """Batched numpy observation (array or dict of arrays) -> tensors on ``device``."""
+    if isinstance(obs, dict):
+        return {key: obs_to_tensor(value, device) for key, value in obs.items()}
+    return torch.as_tensor(np.asarray(obs), device=device)
+
+
+def _empty_obs(space: spaces.Space, lead: tuple[int, ...], device: torch.device) -> Obs:
+    if isinstance(space, spaces.Dict):
+        return {key: _empty_obs(sub, lead, device) for key, sub in space.spaces.items()}
+    if isinstance(space, spaces.Discrete):
+        return torch.zeros(lead, dtype=torch.int64, device=device)
+    dtype = torch.from_numpy(np.zeros(0, dtype=space.dtype)).dtype
+    return torch.zeros(*lead, *space.shape, dtype=dtype, device=device)
+
+
+class Minibatch(NamedTuple):
+    """C chunks of N consecutive steps of one env each, with the memory before each chunk."""
+
+    obs: Obs  # [C, N, ...]
+    actions: Tensor  # [C, N, *action_shape]
+    log_probs: Tensor  # [C, N] at collection time
+    values: Tensor  # [C, N] at collection time
+    advantages: Tensor  # [C, N]
+    returns: Tensor  # [C, N]
+    episode_start: Tensor  # [C, N] bool
+    memory: MemoryState  # C rows, memory length M
+
+
+class Rollout:
+    """Storage for ``num_steps`` x ``num_envs`` steps of an agent with a TrXL memory."""
+
+    def __init__(self, num_steps: int, num_envs: int, observation_space: spaces.Space,
+                 action_shape: tuple[int, ...], action_dtype: torch.dtype, num_layers: int,
+                 memory_length: int, dim: int, device: torch.device | str = "cpu") -> None:
+        t, b, m = num_steps, num_envs, memory_length
+        self.num_steps, self.num_envs, self.memory_length = t, b, m
+        self.device = device = torch.device(device)
+        self.obs = _empty_obs(observation_space, (t, b), device)
+        self.actions = torch.zeros(t, b, *action_shape, dtype=action_dtype, device=device)
+        zeros = lambda dtype=torch.float32: torch.zeros(t, b, dtype=dtype, device=device)  # noqa: E731
+        self.log_probs, self.values, self.rewards = zeros(), zeros(), zeros()
+        self.dones = zeros()  # 1.0 where the episode ended after step t
+        self.bootstrap = zeros()  # V(final obs) where the episode was truncated after step t
+        self.episode_start = zeros(torch.bool)
+        self.positions = zeros(torch.long)  # index of step t within its episode
+        self.advantages, self.returns = zeros(), zeros()
+        # Layer inputs: slots [0, M) are the memory before the rollout, slot M + t is step t.
+        self.hidden = torch.zeros(m + t, b, num_layers, dim, device=device)
+        self.prefix_valid = torch.zeros(b, m, dtype=torch.bool, device=device)
+
+    def start(self, state: MemoryState) -> None:
+        """Record the memory the envs carry into this rollout (``state`` has B rows)."""
+        m = self.memory_length
+        if state.memory_length != m:
+            raise ValueError(f"state has memory_length {state.memory_length}, rollout {m}")
+        self.hidden[:m] = state.hidden.permute(2, 0, 1, 3)  # [B, L, M, D] -> [M, B, L, D]
+        self.prefix_valid.copy_(state.valid)
+
+    def add(self, t: int, obs: Obs, action: Tensor, log_prob: Tensor, value: Tensor,
+            episode_start: Tensor, state: MemoryState) -> None:
+        """Store step ``t`` as acted on; ``state`` is the memory *after* the step."""
+        _store(self.obs, obs, t)
+        self.actions[t] = action
+        self.log_probs[t] = log_prob
+        self.values[t] = value
+        self.episode_start[t] = episode_start
+        self.positions[t] = state.position - 1
+        if self.memory_length:
+            self.hidden[self.memory_length + t] = state.hidden[:, :, -1]  # newest token
+
+    def add_outcome(self, t: int, reward: Tensor, done: Tensor, bootstrap: Tensor) -> None:
+        """Reward ``[B]``, episode-ended flag ``[B]`` and truncation bootstrap ``[B]``."""
+        self.rewards[t] = reward
+        self.dones[t] = done
+        self.bootstrap[t] = bootstrap
+
+    def compute_returns(self, last_value: Tensor, gamma: float, gae_lambda: float) -> None:
+        """GAE(lambda). ``last_value`` ``[B]`` is V of the observation after the last step.
+
+        A truncated episode continues with V(final obs | its memory) (stored in
+        ``bootstrap``); a terminated one has no future value.
+        """
+        next_value, next_advantage = last_value, torch.zeros_like(last_value)
+        for t in reversed(range(self.num_steps)):
+            live = 1.0 - self.dones[t]
+            future = next_value * live + self.bootstrap[t]
+            delta = self.rewards[t] + gamma * future - self.values[t]
+            next_advantage = delta + gamma * gae_lambda * live * next_advantage
+            self.advantages[t] = next_advantage
+            next_value = self.values[t]
+        self.returns = self.advantages + self.values
+
+    def _episode_ids(self) -> Tensor:
+        """``[M + T, B]`` episode id of every memory slot: equal ids = same episode,
+        -1 = no token (invalid memory before the rollout)."""
+        prefix = torch.where(self.prefix_valid.T, 0, -1)  # [M, B]
+        return torch.cat([prefix, self.episode_start.long().cumsum(0)], 0)
+
+    def minibatches(self, segment_length: int, num_minibatches: int,
+                    generator: torch.Generator | None = None) -> Iterator[Minibatch]:
+        """Shuffle the (env, segment) chunks across envs and time and yield minibatches.
+
+        Each chunk's memory is the M stored hidden states before it, valid only where they
+        belong to the same episode as the chunk's first step (episode starts inside the chunk
+        are handled by the encoder).
+        """
+        n, m, b = segment_length, self.memory_length, self.num_envs
+        chunks_per_env = self.num_steps // n
+        order = torch.randperm(chunks_per_env * b, generator=generator).to(self.device)
+        episode = self._episode_ids()
+        arange_n = torch.arange(n, device=self.device)
+        arange_m = torch.arange(m, device=self.device)
+        for chunk in order.chunk(num_minibatches):
+            env = (chunk % b)[:, None]  # [C, 1]
+            first = (chunk // b) * n  # [C] first step of each chunk
+            steps = first[:, None] + arange_n  # [C, N]
+            slots = first[:, None] + arange_m  # [C, M] memory slots before the chunk
+            slot_episode = episode[slots, env]  # [C, M]
+            reference = episode[first + m - 1, env[:, 0]] if m else None
+            valid = (slot_episode == reference[:, None]) & (slot_episode >= 0) if m else \
+                torch.zeros(len(chunk), 0, dtype=torch.bool, device=self.device)
+            memory = MemoryState(
+                hidden=self.hidden[slots, env].permute(0, 2, 1, 3),  # [C, L, M, D]
+                valid=valid,
+                position=self.positions[first, env[:, 0]],
+                use_cache=False,
+            )
+            def pick(x: Tensor, steps=steps, env=env) -> Tensor:
+                return x[steps, env]  # [T, B, ...] -> [C, N, ...]
+
+            yield Minibatch(
+                obs=tree_map(pick, self.obs), actions=pick(self.actions),
+                log_probs=pick(self.log_probs), values=pick(self.values),
+                advantages=pick(self.advantages), returns=pick(self.returns),
+                episode_start=pick(self.episode_start), memory=memory,
+            )
+
+
+def _store(store: Obs, new: Obs, t: int) -> None:
+    if isinstance(store, dict):
+        for key in store:
+            _store(store[key], new[key], t)
+    else:
+        store[t] = new

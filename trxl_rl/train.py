@@ -1,0 +1,307 @@
+"""Train a PPO agent with a Transformer-XL memory.
+
+    python -m trxl_rl.train --env MiniGrid-Memory
+    python -m trxl_rl.train --env MiniGrid-MemoryS13Random-v0 --model.memory_length 128
+    python -m trxl_rl.train --config my.yaml --ppo.learning_rate 1e-3 --seed 3
+
+One iteration: collect ``rollout_steps`` steps of every env (each env keeps its own memory
+across rollouts, reset only at its episode boundaries), compute GAE, then run PPO epochs over
+shuffled (env, segment) chunks that are recomputed from the stored memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from trxl_rl.checkpoint import checkpoint_name, save_checkpoint, space_to_dict
+from trxl_rl.config import (
+    PRESETS,
+    ConfigError,
+    TrainConfig,
+    build_config,
+    config_to_dict,
+    preset_path,
+    read_yaml,
+)
+from trxl_rl.ppo import linear_schedule, ppo_update
+from trxl_rl.rollout import Rollout, obs_to_tensor
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device cuda requested but torch sees no CUDA device; use --device cpu")
+    return torch.device(name)
+
+
+def make_agent(cfg: TrainConfig, observation_space, action_space):
+    """The agent described by ``cfg.model`` for the given single-env spaces."""
+    from trxl_rl.agents import TrXLAgent
+
+    memory = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k != "encoder_dim"}
+    return TrXLAgent(observation_space, action_space, memory, cfg.model.encoder_dim)
+
+
+class EpisodeLog:
+    """Statistics of the episodes completed since the last :meth:`flush`."""
+
+    def __init__(self) -> None:
+        self.returns: list[float] = []
+        self.lengths: list[float] = []
+        self.successes: list[float] = []
+
+    def add(self, finished: dict[str, np.ndarray]) -> None:
+        self.returns += finished["return"].tolist()
+        self.lengths += finished["length"].tolist()
+        self.successes += [s for s in finished["success"].tolist() if not np.isnan(s)]
+
+    def flush(self) -> dict[str, float]:
+        out = {}
+        if self.returns:
+            out["charts/episodic_return"] = float(np.mean(self.returns))
+            out["charts/episodic_length"] = float(np.mean(self.lengths))
+        if self.successes:
+            out["charts/success_rate"] = float(np.mean(self.successes))
+        self.__init__()
+        return out
+
+
+def collect(agent, envs, rollout: Rollout, obs, state, episode_start, device, episodes):
+    """Fill ``rollout`` with one rollout; returns the carried ``(obs, state, episode_start)``.
+
+    Truncated episodes store V(final obs | that episode's memory) for bootstrapping.
+    """
+    from trxl_rl.envs import completed_episodes, final_observations
+
+    rollout.start(state)
+    for t in range(rollout.num_steps):
+        obs_t = obs_to_tensor(obs, device)
+        out = agent.act(obs_t, state, episode_start)
+        rollout.add(t, obs_t, out.action, out.log_prob, out.value, episode_start, out.state)
+        state = out.state
+        obs, reward, terminated, truncated, infos = envs.step(out.action.cpu().numpy())
+
+        bootstrap = torch.zeros(rollout.num_envs, device=device)
+        cut = truncated & ~terminated
+        if cut.any():
+            rows = torch.as_tensor(np.flatnonzero(cut), device=device)
+            final = obs_to_tensor(
+                final_observations(infos, cut, envs.single_observation_space), device)
+            bootstrap[rows] = agent.value(final, state[rows],
+                                          torch.zeros(len(rows), dtype=torch.bool, device=device))
+        done = torch.as_tensor(terminated | truncated, device=device)
+        rollout.add_outcome(t, torch.as_tensor(reward, dtype=torch.float32, device=device),
+                            done.float(), bootstrap)
+        episode_start = done
+        episodes.add(completed_episodes(infos))
+    return obs, state, episode_start
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run the training described by ``cfg``; returns the final evaluation summary."""
+    from trxl_rl.agents import action_dtype, action_shape
+    from trxl_rl.envs import make_vector_env
+
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    envs = make_vector_env(cfg.env.id, cfg.env.num_envs, cfg.env.vectorization, **cfg.env.kwargs)
+    obs_space, act_space = envs.single_observation_space, envs.single_action_space
+    agent = make_agent(cfg, obs_space, act_space).to(device)
+    optimizer = torch.optim.AdamW(agent.parameters(), lr=cfg.ppo.learning_rate,
+                                  eps=cfg.ppo.adam_eps, weight_decay=cfg.ppo.weight_decay)
+    run_name = cfg.run_name or f"{Path(cfg.env.id).name}__seed{cfg.seed}__{int(time.time())}"
+    run_dir = Path(cfg.log_dir) / run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm import tqdm
+
+    writer = SummaryWriter(str(run_dir))
+    b, t_steps = cfg.env.num_envs, cfg.ppo.rollout_steps
+    rollout = Rollout(t_steps, b, obs_space, action_shape(act_space), action_dtype(act_space),
+                      cfg.model.num_layers, cfg.model.memory_length, cfg.model.dim, device)
+    num_updates = -(-cfg.total_steps // (b * t_steps))
+    shuffle = torch.Generator().manual_seed(cfg.seed)
+
+    obs, _ = envs.reset(seed=cfg.seed)
+    envs.action_space.seed(cfg.seed)
+    state = agent.initial_state(b)
+    episode_start = torch.ones(b, dtype=torch.bool, device=device)
+    episodes = EpisodeLog()
+    global_step, start_time = 0, time.perf_counter()
+    bar = tqdm(total=num_updates * b * t_steps, unit="step", disable=not cfg.progress,
+               dynamic_ncols=True)
+    shown: dict[str, float] = {}
+
+    def checkpoint(update: int) -> None:
+        save_checkpoint(run_dir / "checkpoints" / checkpoint_name(update), {
+            "model": agent.state_dict(), "optimizer": optimizer.state_dict(),
+            "config": config_to_dict(cfg),
+            "spaces": {"observation": space_to_dict(obs_space),
+                       "action": space_to_dict(act_space)},
+            "counters": {"global_step": global_step, "update": update},
+        })
+
+    try:
+        for update in range(1, num_updates + 1):
+            progress = (update - 1) / num_updates
+            lr = linear_schedule(cfg.ppo.learning_rate, cfg.ppo.learning_rate_final, progress)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            entropy_coef = linear_schedule(cfg.ppo.entropy_coef, cfg.ppo.entropy_coef_final,
+                                           progress)
+
+            agent.eval()
+            t0 = time.perf_counter()
+            obs, state, episode_start = collect(agent, envs, rollout, obs, state,
+                                                episode_start, device, episodes)
+            last_value = agent.value(obs_to_tensor(obs, device), state, episode_start)
+            rollout.compute_returns(last_value, cfg.ppo.gamma, cfg.ppo.gae_lambda)
+            t1 = time.perf_counter()
+            agent.train()
+            stats = ppo_update(agent, optimizer, rollout, cfg.ppo, entropy_coef, shuffle)
+            t2 = time.perf_counter()
+            global_step += b * t_steps
+
+            stats.update(episodes.flush())
+            stats["charts/SPS"] = global_step / (t2 - start_time)
+            stats["charts/learning_rate"] = lr
+            stats["charts/entropy_coef"] = entropy_coef
+            stats["charts/rollout_seconds"] = t1 - t0
+            stats["charts/update_seconds"] = t2 - t1
+            for key, value in stats.items():
+                writer.add_scalar(key, value, global_step)
+            for key, short in (("charts/episodic_return", "ret"),
+                               ("charts/success_rate", "success")):
+                if key in stats:
+                    shown[short] = round(stats[key], 3)
+            shown["SPS"] = int(stats["charts/SPS"])
+            bar.set_postfix(shown, refresh=False)
+            bar.update(b * t_steps)
+            if update % cfg.checkpoint_every == 0 or update == num_updates:
+                checkpoint(update)
+    finally:
+        bar.close()
+        envs.close()
+
+    summary: dict[str, Any] = {"global_step": global_step,
+                               "train_seconds": time.perf_counter() - start_time}
+    if cfg.eval_episodes > 0:
+        from trxl_rl.evaluate import run_episodes, summarize
+
+        agent.eval()
+        results = run_episodes(agent, cfg.env.id, cfg.env.kwargs, cfg.eval_episodes,
+                               seed=cfg.seed + 1_000_000, device=device)
+        summary.update(summarize(results))
+        writer.add_scalar("eval/success_rate", summary["success_rate"], global_step)
+        writer.add_scalar("eval/episodic_return", summary["return_mean"], global_step)
+    writer.close()
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+OVERRIDE_HELP = "\n".join(
+    f"  --{name} VALUE" for name in sorted(
+        f"{prefix}{f.name}"
+        for prefix, obj in (("env.", "EnvConfig"), ("model.", "ModelConfig"),
+                            ("ppo.", "PPOConfig"), ("", "TrainConfig"))
+        for f in dataclasses.fields(getattr(sys.modules["trxl_rl.config"], obj))
+        if f.name not in ("env", "model", "ppo")
+    )
+)
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, Any]]:
+    parser = argparse.ArgumentParser(
+        prog="python -m trxl_rl.train",
+        description="Train PPO with a Transformer-XL memory.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Any config field can be overridden with --KEY VALUE (dotted for nested "
+               "fields, VALUE parsed as YAML):\n" + OVERRIDE_HELP
+               + f"\n\nPresets (for --env): {', '.join(PRESETS)}",
+    )
+    parser.add_argument("--env", help="preset short name or any gymnasium env id "
+                                      "(default: MiniGrid-Memory)")
+    parser.add_argument("--config", help="YAML config file (fields as in configs/*.yaml)")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--total-steps", type=int)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--run-name")
+    args, rest = parser.parse_known_args(argv)
+    overrides: dict[str, Any] = {}
+    i = 0
+    while i < len(rest):
+        key = rest[i]
+        if not key.startswith("--") or i + 1 >= len(rest):
+            raise ConfigError(f"cannot parse argument {key!r}; overrides are --KEY VALUE pairs "
+                              "(see --help)")
+        key = key[2:]
+        if "=" in key:
+            key, raw = key.split("=", 1)
+            i += 1
+        else:
+            raw = rest[i + 1]
+            i += 2
+        try:
+            overrides[key.replace("-", "_")] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise ConfigError(f"cannot parse the value {raw!r} of --{key}") from None
+    for name, value in (("seed", args.seed), ("total_steps", args.total_steps),
+                        ("device", args.device), ("run_name", args.run_name)):
+        if value is not None:
+            overrides[name] = value
+    return args, overrides
+
+
+def resolve_config(args: argparse.Namespace, overrides: dict[str, Any]) -> TrainConfig:
+    """Preset or config file, then --env, then overrides."""
+    base: dict[str, Any] = {}
+    env = args.env
+    if args.config:
+        base = read_yaml(args.config)
+    elif env is None or preset_path(env) is not None:
+        base = read_yaml(preset_path(env or "MiniGrid-Memory"))
+    if env is not None and preset_path(env) is None:
+        base.setdefault("env", {})
+        base["env"] = {**base["env"], "id": env}
+    return build_config(base, overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from trxl_rl.envs import UnknownEnvError, make_env
+
+    try:
+        args, overrides = parse_args(argv)
+        cfg = resolve_config(args, overrides)
+        make_env(cfg.env.id, **cfg.env.kwargs).close()  # fail on a bad env before writing
+    except (ConfigError, UnknownEnvError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError) as err:
+        print(f"error: bad env.kwargs for {cfg.env.id!r}: {err}", file=sys.stderr)
+        return 2
+    summary = train(cfg)
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
