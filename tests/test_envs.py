@@ -12,6 +12,7 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import pytest
+
 import trxl_rl.envs as trxl_envs
 from trxl_rl.envs import (
     CUE_RECALL_ID,

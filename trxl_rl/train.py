@@ -17,6 +17,7 @@ import json
 import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -109,8 +110,12 @@ def collect(agent, envs, rollout: Rollout, obs, state, episode_start, device, ep
     return obs, state, episode_start
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run the training described by ``cfg``; returns the final evaluation summary."""
+def train(cfg: TrainConfig, on_update: Callable[[int, dict[str, float]], None] | None = None
+          ) -> dict[str, Any]:
+    """Run the training described by ``cfg``; returns the final evaluation summary.
+
+    :param on_update: called after every update with (update number, logged scalars).
+    """
     from trxl_rl.agents import action_dtype, action_shape
     from trxl_rl.envs import make_vector_env
 
@@ -189,6 +194,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             stats["charts/update_seconds"] = t2 - t1
             for key, value in stats.items():
                 writer.add_scalar(key, value, global_step)
+            if on_update is not None:
+                on_update(update, stats)
             for key, short in (("charts/episodic_return", "ret"),
                                ("charts/success_rate", "success")):
                 if key in stats:

@@ -1,0 +1,283 @@
+"""Observation encoders and action heads: chosen from gymnasium spaces, shapes, dtypes, maths."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from gymnasium import spaces
+
+from trxl_rl.agents.distributions import (
+    CategoricalHead,
+    MultiCategoricalHead,
+    action_dtype,
+    action_shape,
+    make_action_head,
+)
+from trxl_rl.agents.encoders import (
+    DictEncoder,
+    GridEmbeddingEncoder,
+    MLPEncoder,
+    NatureCNNEncoder,
+    make_encoder,
+)
+
+B = 4
+
+# MiniGrid's (object, colour, state) grid with its true per-channel highs.
+SYMBOLIC_GRID = spaces.Box(
+    low=0, high=np.broadcast_to(np.array([10, 5, 2], dtype=np.uint8), (3, 3, 3)), dtype=np.uint8
+)
+IMAGE = spaces.Box(0, 255, (84, 84, 3), np.uint8)
+VECTOR = spaces.Box(-1.0, 1.0, (5,), np.float32)
+
+
+def batch(space: spaces.Space, size: int = B):
+    """``size`` samples of ``space`` stacked into tensors in the space's dtype."""
+    samples = [space.sample() for _ in range(size)]
+    if isinstance(space, spaces.Dict):
+        return {key: torch.as_tensor(np.stack([s[key] for s in samples])) for key in space}
+    return torch.as_tensor(np.stack(samples))
+
+
+@pytest.mark.parametrize(
+    ("space", "encoder_type", "output_dim"),
+    [
+        (SYMBOLIC_GRID, GridEmbeddingEncoder, 256),
+        (IMAGE, NatureCNNEncoder, 512),
+        (VECTOR, MLPEncoder, 64),
+        (spaces.Box(0, 9, (7,), np.int64), MLPEncoder, 64),
+        (spaces.Discrete(6), MLPEncoder, 64),
+        (spaces.MultiBinary(4), MLPEncoder, 64),
+        (spaces.Dict({"vector": VECTOR, "image": IMAGE}), DictEncoder, 512 + 64),
+    ],
+    ids=["symbolic-grid", "image", "vector", "int-vector", "discrete", "multibinary", "dict"],
+)
+def test_space_selects_encoder_with_float_features_of_output_dim(space, encoder_type, output_dim):
+    encoder = make_encoder(space)
+    assert type(encoder) is encoder_type
+    assert encoder.output_dim == output_dim
+    features = encoder(batch(space))
+    assert features.shape == (B, output_dim)
+    assert features.dtype == torch.float32
+
+
+def test_out_dim_overrides_the_default_feature_size():
+    assert make_encoder(SYMBOLIC_GRID, out_dim=32)(batch(SYMBOLIC_GRID)).shape == (B, 32)
+    assert make_encoder(VECTOR, out_dim=16)(batch(VECTOR)).shape == (B, 16)
+
+
+def test_grid_encoder_embeds_each_channel_with_its_own_high_plus_one_rows():
+    encoder = make_encoder(SYMBOLIC_GRID)
+    assert [e.num_embeddings for e in encoder.embeddings] == [11, 6, 3]
+
+
+def test_grid_encoder_accepts_the_highest_declared_value_of_every_channel():
+    obs = torch.as_tensor(SYMBOLIC_GRID.high).unsqueeze(0)  # (1, 3, 3, 3) uint8
+    assert make_encoder(SYMBOLIC_GRID)(obs).shape == (1, 256)
+
+
+def test_image_encoder_is_the_nature_cnn_and_takes_uint8_hwc():
+    encoder = make_encoder(IMAGE)
+    convs = [m for m in encoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.out_channels, c.kernel_size, c.stride) for c in convs] == [
+        (32, (8, 8), (4, 4)), (64, (4, 4), (2, 2)), (64, (3, 3), (1, 1))
+    ]
+    assert encoder.linear.in_features == 64 * 7 * 7
+    obs = batch(IMAGE)
+    assert obs.dtype == torch.uint8
+    # Scaling by 1/255 happens inside: a float copy of the same pixels gives the same features.
+    torch.testing.assert_close(encoder(obs), encoder(obs.float()))
+
+
+def test_discrete_observation_is_one_hot_encoded_from_its_start():
+    encoder = make_encoder(spaces.Discrete(3, start=-1))
+    first_layer = encoder.mlp[0]
+    obs = torch.tensor([-1, 0, 1])
+    expected = F.relu(first_layer(torch.eye(3)))
+    torch.testing.assert_close(encoder.mlp[:2](F.one_hot(obs + 1, 3).float()), expected)
+    assert encoder(obs).shape == (3, 64)
+
+
+@pytest.mark.parametrize(
+    "space",
+    [SYMBOLIC_GRID, IMAGE, VECTOR, spaces.Discrete(6), spaces.Dict({"v": VECTOR, "i": IMAGE})],
+    ids=["symbolic-grid", "image", "vector", "discrete", "dict"],
+)
+def test_gradient_reaches_every_encoder_parameter(space):
+    encoder = make_encoder(space)
+    encoder(batch(space, 8)).sum().backward()
+    for name, param in encoder.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def test_linear_and_conv_layers_have_orthogonal_weights_and_zero_bias():
+    encoder = make_encoder(VECTOR)
+    weight = encoder.mlp[2].weight  # square (64, 64): orthogonal * sqrt(2)
+    torch.testing.assert_close(weight @ weight.T, 2 * torch.eye(64), atol=1e-5, rtol=0)
+    assert all(m.bias.abs().sum() == 0 for m in encoder.mlp if isinstance(m, torch.nn.Linear))
+
+
+def test_dict_encoder_concatenates_parts_in_sorted_key_order():
+    space = spaces.Dict({"z_vector": VECTOR, "a_grid": SYMBOLIC_GRID})
+    encoder = make_encoder(space)
+    obs = batch(space)
+    expected = torch.cat([encoder.parts["a_grid"](obs["a_grid"]),
+                          encoder.parts["z_vector"](obs["z_vector"])], dim=-1)
+    torch.testing.assert_close(encoder(obs), expected)
+
+
+@pytest.mark.parametrize(
+    "space",
+    [
+        spaces.Box(0.0, 1.0, (84, 84, 3), np.float32),
+        spaces.Box(0.0, 1.0, (4, 4), np.float32),
+        spaces.MultiDiscrete([3, 4]),
+        spaces.Tuple((VECTOR, VECTOR)),
+    ],
+    ids=["float-image", "2d-box", "multidiscrete", "tuple"],
+)
+def test_unsupported_observation_space_error_names_the_space(space):
+    with pytest.raises(ValueError, match="supported") as error:
+        make_encoder(space)
+    assert str(space) in str(error.value)
+
+
+def test_image_smaller_than_36_pixels_error_names_the_space():
+    # Raw MiniGrid declares its symbolic 7x7 grid as a uint8 image with high 255.
+    space = spaces.Box(0, 255, (7, 7, 3), np.uint8)
+    with pytest.raises(ValueError, match="36") as error:
+        make_encoder(space)
+    assert str(space) in str(error.value)
+
+
+# Action heads
+
+
+def test_discrete_head_samples_int64_actions_of_batch_shape():
+    space = spaces.Discrete(3)
+    head = make_action_head(space, 8)
+    assert isinstance(head, CategoricalHead)
+    dist = head(torch.randn(16, 8))
+    for actions in (dist.sample(), dist.mode()):
+        assert actions.shape == (16,) and actions.dtype == torch.int64
+        assert ((actions >= 0) & (actions < 3)).all()
+    assert dist.log_prob(dist.sample()).shape == (16,)
+    assert dist.entropy().shape == (16,)
+    assert action_shape(space) == () and action_dtype(space) == torch.int64
+
+
+def test_discrete_log_prob_matches_log_softmax_of_the_head_logits():
+    head = make_action_head(spaces.Discrete(5), 8)
+    features = torch.randn(16, 8)
+    actions = torch.randint(0, 5, (16,))
+    expected = F.log_softmax(head.logits(features), -1)[torch.arange(16), actions]
+    torch.testing.assert_close(head(features).log_prob(actions), expected)
+
+
+def test_entropy_of_uniform_logits_is_log_n():
+    head = make_action_head(spaces.Discrete(7), 8)
+    torch.nn.init.zeros_(head.logits.weight)
+    torch.testing.assert_close(head(torch.randn(4, 8)).entropy(), torch.full((4,), math.log(7)))
+
+
+def test_mode_is_the_argmax_of_the_logits():
+    head = make_action_head(spaces.Discrete(4), 8)
+    features = torch.randn(32, 8)
+    assert torch.equal(head(features).mode(), head.logits(features).argmax(-1))
+
+
+def test_sample_frequencies_match_the_softmax_probabilities():
+    head = make_action_head(spaces.Discrete(3), 1)
+    with torch.no_grad():
+        head.logits.weight.copy_(torch.tensor([[0.0], [1.0], [2.0]]))
+    torch.manual_seed(0)
+    actions = head(torch.ones(20_000, 1)).sample()
+    frequencies = torch.bincount(actions, minlength=3).float() / actions.numel()
+    torch.testing.assert_close(frequencies, torch.softmax(torch.tensor([0.0, 1.0, 2.0]), 0),
+                               atol=0.015, rtol=0)
+
+
+def test_initial_policy_is_near_uniform():
+    dist = make_action_head(spaces.Discrete(3), 64)(torch.randn(16, 64))
+    assert (dist.entropy() > math.log(3) - 1e-3).all()
+
+
+def test_discrete_start_offsets_actions_and_log_prob():
+    head = make_action_head(spaces.Discrete(3, start=10), 8)
+    features = torch.randn(64, 8)
+    dist = head(features)
+    actions = dist.sample()
+    assert ((actions >= 10) & (actions < 13)).all()
+    assert ((dist.mode() >= 10) & (dist.mode() < 13)).all()
+    expected = F.log_softmax(head.logits(features), -1)[torch.arange(64), actions - 10]
+    torch.testing.assert_close(dist.log_prob(actions), expected)
+
+
+def test_multidiscrete_samples_one_action_per_dimension():
+    space = spaces.MultiDiscrete([3, 5, 2])
+    head = make_action_head(space, 8)
+    assert isinstance(head, MultiCategoricalHead)
+    dist = head(torch.randn(16, 8))
+    for actions in (dist.sample(), dist.mode()):
+        assert actions.shape == (16, 3) and actions.dtype == torch.int64
+        assert (actions >= 0).all() and (actions < torch.tensor([3, 5, 2])).all()
+    assert action_shape(space) == (3,) and action_dtype(space) == torch.int64
+
+
+@pytest.mark.parametrize("nvec", [[3, 5, 2], [4, 4]], ids=["uneven", "even"])
+def test_multidiscrete_log_prob_and_entropy_sum_over_dimensions(nvec):
+    head = make_action_head(spaces.MultiDiscrete(nvec), 8)
+    features = torch.randn(16, 8)
+    dist = head(features)
+    actions = dist.sample()
+    log_probs = [F.log_softmax(part, -1) for part in head.logits(features).split(nvec, -1)]
+    expected_log_prob = sum(lp[torch.arange(16), actions[:, d]] for d, lp in enumerate(log_probs))
+    expected_entropy = sum(-(lp.exp() * lp).sum(-1) for lp in log_probs)
+    torch.testing.assert_close(dist.log_prob(actions), expected_log_prob)
+    torch.testing.assert_close(dist.entropy(), expected_entropy)
+
+
+def test_multidiscrete_uniform_entropy_is_sum_of_log_n_and_padding_never_sampled():
+    nvec = [2, 6]
+    head = make_action_head(spaces.MultiDiscrete(nvec, start=[1, -3]), 8)
+    torch.nn.init.zeros_(head.logits.weight)
+    dist = head(torch.randn(1000, 8))
+    torch.testing.assert_close(dist.entropy(), torch.full((1000,), math.log(2) + math.log(6)))
+    actions = dist.sample()
+    assert actions[:, 0].min() == 1 and actions[:, 0].max() == 2
+    assert actions[:, 1].min() == -3 and actions[:, 1].max() == 2
+    torch.testing.assert_close(dist.log_prob(actions), torch.full((1000,), -math.log(12)))
+
+
+def test_gradient_flows_from_log_prob_and_entropy_to_the_head():
+    head = make_action_head(spaces.MultiDiscrete([3, 5]), 8)
+    dist = head(torch.randn(16, 8))
+    (dist.log_prob(dist.sample()).sum() + dist.entropy().sum()).backward()
+    assert torch.isfinite(head.logits.weight.grad).all()
+    assert head.logits.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "space",
+    [
+        spaces.Box(-1.0, 1.0, (2,), np.float32),
+        spaces.MultiBinary(3),
+        spaces.MultiDiscrete([[2, 3]]),
+    ],
+    ids=["box", "multibinary", "2d-multidiscrete"],
+)
+def test_unsupported_action_space_raises_value_error_naming_it(space):
+    with pytest.raises(ValueError) as error:
+        make_action_head(space, 8)
+    assert str(space) in str(error.value)
+    with pytest.raises(ValueError):
+        action_shape(space)
+
+
+def test_box_action_space_error_says_box_is_not_supported_yet():
+    with pytest.raises(ValueError, match="Box.*not supported yet"):
+        make_action_head(spaces.Box(-1.0, 1.0, (2,), np.float32), 8)
+    with pytest.raises(ValueError, match="Box"):
+        action_dtype(spaces.Box(-1.0, 1.0, (2,), np.float32))

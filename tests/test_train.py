@@ -1,0 +1,223 @@
+"""Specification of the trainer: rollout memory, consistency, bootstrapping, CLI."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from trxl_rl.agents import action_dtype, action_shape
+from trxl_rl.config import build_config, preset_path, read_yaml
+from trxl_rl.envs import make_env, make_vector_env
+from trxl_rl.rollout import Rollout
+from trxl_rl.train import EpisodeLog, collect, main, make_agent, train
+
+CPU = torch.device("cpu")
+
+
+def small_config(**overrides):
+    base = {
+        "env": {"id": "MiniGrid-MemoryS9-v0", "kwargs": {"max_steps": 12}, "num_envs": 2},
+        "model": {"dim": 32, "num_layers": 2, "num_heads": 2, "memory_length": 4},
+        "ppo": {"rollout_steps": 16, "segment_length": 8, "minibatches": 2, "epochs": 2},
+        "total_steps": 64, "progress": False, "eval_episodes": 0, "checkpoint_every": 1000,
+    }
+    return build_config(base, overrides)
+
+
+def collect_once(cfg, seed=0):
+    """One real rollout with a fresh agent; returns (agent, envs, rollout, actions)."""
+    torch.manual_seed(seed)
+    envs = make_vector_env(cfg.env.id, cfg.env.num_envs, **cfg.env.kwargs)
+    space, act = envs.single_observation_space, envs.single_action_space
+    agent = make_agent(cfg, space, act).eval()
+    rollout = Rollout(cfg.ppo.rollout_steps, cfg.env.num_envs, space, action_shape(act),
+                      action_dtype(act), cfg.model.num_layers, cfg.model.memory_length,
+                      cfg.model.dim)
+    obs, _ = envs.reset(seed=seed)
+    state = agent.initial_state(cfg.env.num_envs)
+    start = torch.ones(cfg.env.num_envs, dtype=torch.bool)
+    collect(agent, envs, rollout, obs, state, start, CPU, EpisodeLog())
+    envs.close()
+    return agent, rollout
+
+
+def replay_values(agent, rollout, env: int) -> torch.Tensor:
+    """Values of env ``env``'s stored observations recomputed one step at a time with a memory
+    that is reset only where the stored episode_start says so."""
+    state = agent.initial_state(1)
+    values = []
+    for t in range(rollout.num_steps):
+        obs = rollout.obs[t, env : env + 1]
+        out = agent.act(obs, state, rollout.episode_start[t, env : env + 1])
+        state = out.state
+        values.append(out.value[0])
+    return torch.stack(values)
+
+
+def test_rollout_memory_resets_exactly_at_episode_ends_across_autoreset():
+    cfg = small_config(**{"env.id": "trxl_rl/CueRecall-v0", "env.kwargs": {"delay": 3},
+                          "model.encoder_dim": 16})
+    agent, rollout = collect_once(cfg)
+    # CueRecall episodes last delay + 1 = 4 steps: starts at 0, 4, 8, ...
+    expected = torch.zeros(rollout.num_steps, dtype=torch.bool)
+    expected[::4] = True
+    assert torch.equal(rollout.episode_start[:, 0], expected)
+    for env in range(cfg.env.num_envs):
+        assert torch.allclose(replay_values(agent, rollout, env), rollout.values[:, env],
+                              atol=1e-5)
+    # The first value of a new episode equals a fresh memory's, so the old episode is
+    # invisible, while without the reset it would differ.
+    with torch.no_grad():
+        fresh = agent.value(rollout.obs[4, :1], agent.initial_state(1),
+                            torch.zeros(1, dtype=torch.bool))
+    assert torch.allclose(fresh, rollout.values[4, :1], atol=1e-6)
+    no_reset = rollout.episode_start.clone()
+    no_reset[4:] = False
+    state = agent.initial_state(1)
+    for t in range(5):
+        out = agent.act(rollout.obs[t, :1], state, no_reset[t, :1])
+        state = out.state
+    assert not torch.allclose(out.value, rollout.values[4, :1], atol=1e-4)
+
+
+def test_truncated_episodes_bootstrap_with_value_of_final_observation_and_its_memory():
+    cfg = small_config(**{"env.kwargs": {"max_steps": 6}})
+    agent, rollout = collect_once(cfg, seed=3)
+    truncated_at = (rollout.bootstrap[:, 0] != 0).nonzero().flatten().tolist()
+    assert truncated_at == [5, 11]  # 6-step episodes, none reaches an object that fast
+    # Replay env 0's first episode in a single env with the same seed and actions.
+    env = make_env(cfg.env.id, **cfg.env.kwargs)
+    obs, _ = env.reset(seed=3)
+    state = agent.initial_state(1)
+    for t in range(6):
+        assert np.array_equal(obs, rollout.obs[t, 0].numpy())
+        state = agent.act(torch.as_tensor(obs)[None], state,
+                          torch.tensor([t == 0])).state
+        obs, _, terminated, truncated, _ = env.step(int(rollout.actions[t, 0]))
+    assert truncated and not terminated
+    expected = agent.value(torch.as_tensor(obs)[None], state, torch.tensor([False]))
+    assert torch.allclose(rollout.bootstrap[5, 0], expected[0], atol=1e-6)
+
+
+def test_terminated_episodes_are_not_bootstrapped():
+    cfg = small_config(**{"env.id": "trxl_rl/CueRecall-v0", "env.kwargs": {"delay": 3},
+                          "model.encoder_dim": 16})
+    _, rollout = collect_once(cfg)
+    assert rollout.dones.sum() > 0 and torch.all(rollout.bootstrap == 0)
+
+
+def test_gae_bootstraps_truncation_and_stops_at_termination():
+    space = make_env("trxl_rl/CueRecall-v0").observation_space
+    rollout = Rollout(3, 1, space, (), torch.int64, 1, 0, 4)
+    rollout.values[:, 0] = torch.tensor([1.0, 2.0, 3.0])
+    rollout.rewards[:, 0] = torch.tensor([0.5, 1.0, 0.0])
+    rollout.dones[:, 0] = torch.tensor([1.0, 0.0, 1.0])  # step 0 truncated, step 2 terminated
+    rollout.bootstrap[:, 0] = torch.tensor([10.0, 0.0, 0.0])
+    gamma, lam = 0.9, 0.5
+    rollout.compute_returns(torch.tensor([100.0]), gamma, lam)
+    d2 = 0.0 - 3.0  # terminated: no future
+    d1 = 1.0 + gamma * 3.0 - 2.0
+    d0 = 0.5 + gamma * 10.0 - 1.0  # truncated: V(final obs), not the next episode's value
+    expected = torch.tensor([d0, d1 + gamma * lam * d2, d2])
+    assert torch.allclose(rollout.advantages[:, 0], expected)
+    assert torch.allclose(rollout.returns[:, 0], expected + rollout.values[:, 0])
+
+
+@pytest.mark.parametrize("segment_length,memory_length", [(1, 4), (8, 4), (1, 16), (8, 16)])
+def test_first_minibatch_approx_kl_is_zero_on_a_real_minigrid_run(segment_length,
+                                                                   memory_length):
+    cfg = small_config(**{"ppo.segment_length": segment_length,
+                          "model.memory_length": memory_length, "total_steps": 96,
+                          "ppo.learning_rate": 0.01,
+                          "log_dir": "/tmp/trxl_rl_test_runs"})
+    seen = []
+    train(cfg, on_update=lambda update, stats: seen.append(stats))
+    assert len(seen) == 3  # memory is carried across rollouts and episodes end inside them
+    for stats in seen:
+        assert abs(stats["losses/first_minibatch_approx_kl"]) < 1e-6
+        assert stats["losses/approx_kl"] > 1e-6  # later minibatches did move the policy
+
+
+def test_seeded_cpu_runs_are_reproducible(tmp_path):
+    runs = []
+    for i in range(2):
+        cfg = small_config(**{"log_dir": str(tmp_path), "run_name": f"r{i}"})
+        runs.append([])
+        train(cfg, on_update=lambda update, stats: runs[-1].append(stats["losses/policy_loss"]))
+    assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("memory_length,succeeds", [(16, True), (0, False)])
+def test_cue_recall_is_learned_with_memory_and_not_without(tmp_path, memory_length, succeeds):
+    cfg = build_config(read_yaml(preset_path("CueRecall")), {
+        "model.memory_length": memory_length, "log_dir": str(tmp_path), "progress": False,
+        "seed": 1})
+    summary = train(cfg)
+    if succeeds:
+        assert summary["success_rate"] >= 0.9
+    else:
+        assert summary["success_rate"] <= 0.7
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "trxl_rl.train", *args], capture_output=True,
+                          text=True, cwd=cwd, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def test_cli_unknown_env_suggests_close_names_and_exits_2_without_traceback(tmp_path):
+    result = run_cli("--env", "MiniGrid-MemoryS9-v1", "--log_dir", str(tmp_path), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "MiniGrid-MemoryS9-v0" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--ppo.learning_rat", "1e-3"], "unknown config key 'ppo.learning_rat'"),
+    (["--ppo.epochs", "two"], "ppo.epochs must be int"),
+    (["--ppo.segment_length", "48"], "must divide ppo.rollout_steps"),
+    (["--model.num_heads", "3"], "divisible by model.num_heads"),
+    (["--model.memory_length", "-1"], "model.memory_length must be >= 0"),
+    (["--config", "/nonexistent.yaml"], "not found"),
+    (["--env.kwargs.obs", "pixels"], "obs"),
+    (["--ppo.epochs"], "cannot parse argument"),
+])
+def test_cli_bad_config_is_one_line_and_exit_code_2(capsys, tmp_path, args, needle):
+    code = main([*args, "--log_dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert needle in err and len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_help_lists_options_and_overrides():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for needle in ("--env", "--config", "--seed", "--total-steps", "--device", "--run-name",
+                   "--ppo.learning_rate", "--model.memory_length", "MiniGrid-Memory"):
+        assert needle in result.stdout
+
+
+def test_cli_trains_from_any_directory_and_writes_logs_config_and_checkpoints(tmp_path):
+    result = run_cli("--env", "CueRecall", "--total-steps", "1024", "--run-name", "cli",
+                     "--log_dir", str(tmp_path), "--eval_episodes", "16",
+                     "--checkpoint_every", "1", "--progress", "false", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "cli"
+    assert read_yaml(run / "config.yaml")["env"]["id"] == "trxl_rl/CueRecall-v0"
+    assert any(p.name.startswith("events.out.tfevents") for p in run.iterdir())
+    assert len(list((run / "checkpoints").glob("update_*.pt"))) == 2
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["episodes"] == 16 and summary["global_step"] == 1024
+
+
+def test_presets_ship_inside_the_package():
+    path = preset_path("MiniGrid-Memory")
+    assert Path(path).is_file()
+    assert read_yaml(path)["env"]["id"] == "MiniGrid-MemoryS9-v0"
