@@ -1,0 +1,248 @@
+"""End-to-end training throughput and memory of trxl_rl, as a markdown table and JSON.
+
+    python -m benchmarks.run                 # everything (about 10 minutes on 2 cores)
+    python -m benchmarks.run --quick         # fewer updates, no 1024-token memory
+    python -m benchmarks.run --only a b      # some rows (names in the first column)
+    python -m benchmarks.run --device cuda   # on a GPU (adds CUDA max allocated)
+
+Every row runs in a fresh subprocess (so peak RSS is that configuration's own) and times
+real training iterations built from the trainer's own pieces (vector env, agent, rollout
+collection, GAE, PPO update), after one warm-up iteration that is not counted:
+
+- SPS: environment steps per second of whole iterations (rollout + update);
+- env / inference / update: the share of that time spent in ``envs.step``, in the rest of
+  the rollout (agent inference, storage, bootstrap values) and in the PPO update;
+- peak RSS of the process; on CUDA also ``torch.cuda.max_memory_allocated``.
+
+Rows: (a) the MiniGrid-Memory preset; (b) the published-pixel configuration (84x84 RGB,
+Nature CNN, 2 x 256, 4 heads, M=64, 16 envs x 256 steps, 3 epochs x 8 minibatches);
+(c) a long memory (M=256, 3 layers x 384, 32 envs x 512 steps, CueRecall with 2,001-step
+episodes); then scaling in M (16 -> 1024) and in episode length (100 -> 10,000 steps), and an
+endless episode (100,000 steps, no episode end) whose RSS is sampled after every update.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MINIGRID = {"preset": "MiniGrid-Memory"}
+CUE = {"env.id": "trxl_rl/CueRecall-v0", "model.encoder_dim": 64}
+
+
+def rows(quick: bool) -> list[dict]:
+    """The benchmark rows: name, preset, overrides and number of timed updates."""
+    n = 1 if quick else 3
+    out = [
+        {"name": "a", "what": "MiniGrid-Memory preset (symbolic)", **MINIGRID, "updates": n},
+        {"name": "b", "what": "published-pixel config (84x84 RGB)", "preset":
+         "MiniGrid-Memory-RGB", "updates": 1},
+        {"name": "c", "what": "long memory: M=256, 3x384, 32x512, 2,001-step episodes",
+         "preset": "MiniGrid-Memory", "updates": 1, "overrides": {
+             **CUE, "env.kwargs": {"delay": 2000}, "env.num_envs": 32,
+             "model.memory_length": 256, "model.num_layers": 3, "model.dim": 384,
+             "model.num_heads": 6, "ppo.rollout_steps": 512, "ppo.segment_length": 64,
+             "ppo.minibatches": 8}},
+    ]
+    for m in (16, 64, 256) + (() if quick else (1024,)):
+        out.append({"name": f"M{m}", "what": f"preset, memory_length {m}", **MINIGRID,
+                    "updates": 1, "overrides": {"model.memory_length": m}})
+    for delay in (99, 999, 9999):
+        out.append({"name": f"ep{delay + 1}", "what": f"CueRecall, {delay + 1}-step episodes",
+                    **MINIGRID, "updates": 1,
+                    "overrides": {**CUE, "env.kwargs": {"delay": delay}}})
+    # One env, 4,096-step rollouts: 25 iterations = 102,400 steps of a single episode.
+    out.append({"name": "endless", "what": "CueRecall, 1 env, no episode end in 100k steps",
+                **MINIGRID, "updates": 3 if quick else 24, "rss_trace": True,
+                "overrides": {**CUE, "env.kwargs": {"delay": 10_000_000}, "env.num_envs": 1,
+                              "ppo.rollout_steps": 4096, "ppo.minibatches": 8}})
+    return out
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def measure(spec: dict, device: str, threads: int | None) -> dict:
+    """Run one row in this process; returns its measurements."""
+    import numpy as np
+    import torch
+
+    from trxl_rl.agents import action_dtype, action_shape
+    from trxl_rl.config import build_config, preset_path, read_yaml
+    from trxl_rl.envs import make_vector_env
+    from trxl_rl.ppo import ppo_update
+    from trxl_rl.rollout import Rollout, obs_to_tensor
+    from trxl_rl.train import EpisodeLog, collect, make_agent, resolve_device
+
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = build_config(read_yaml(preset_path(spec["preset"])),
+                       {**spec.get("overrides", {}), "device": device})
+    dev = resolve_device(cfg.device)
+    torch.manual_seed(0)
+    envs = make_vector_env(cfg.env.id, cfg.env.num_envs, cfg.env.vectorization,
+                           **cfg.env.kwargs)
+    env_seconds = [0.0]
+    step = envs.step
+
+    def timed_step(actions):
+        t0 = time.perf_counter()
+        try:
+            return step(actions)
+        finally:
+            env_seconds[0] += time.perf_counter() - t0
+
+    envs.step = timed_step
+    space, act = envs.single_observation_space, envs.single_action_space
+    agent = make_agent(cfg, space, act).to(dev)
+    optimizer = torch.optim.AdamW(agent.parameters(), lr=cfg.ppo.learning_rate,
+                                  eps=cfg.ppo.adam_eps)
+    b, t = cfg.env.num_envs, cfg.ppo.rollout_steps
+    rollout = Rollout(t, b, space, action_shape(act), action_dtype(act), cfg.model.num_layers,
+                      cfg.model.memory_length, cfg.model.dim, dev)
+    obs, _ = envs.reset(seed=0)
+    state = agent.initial_state(b)
+    start = torch.ones(b, dtype=torch.bool, device=dev)
+    totals = {"env": 0.0, "inference": 0.0, "update": 0.0}
+    rss_trace = []
+    kl = []
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    for i in range(spec["updates"] + 1):
+        env_seconds[0] = 0.0
+        sync()
+        t0 = time.perf_counter()
+        agent.eval()
+        obs, state, start = collect(agent, envs, rollout, obs, state, start, dev, EpisodeLog())
+        rollout.compute_returns(agent.value(obs_to_tensor(obs, dev), state, start),
+                                cfg.ppo.gamma, cfg.ppo.gae_lambda)
+        sync()
+        t1 = time.perf_counter()
+        agent.train()
+        stats = ppo_update(agent, optimizer, rollout, cfg.ppo, cfg.ppo.entropy_coef)
+        sync()
+        t2 = time.perf_counter()
+        kl.append(stats["losses/first_minibatch_approx_kl"])
+        if spec.get("rss_trace"):
+            rss_trace.append(round(current_rss_mib(), 1))
+        if i == 0:
+            continue  # warm-up
+        totals["env"] += env_seconds[0]
+        totals["inference"] += t1 - t0 - env_seconds[0]
+        totals["update"] += t2 - t1
+    envs.close()
+    seconds = sum(totals.values())
+    steps = spec["updates"] * b * t
+    result = {
+        "sps": steps / seconds,
+        "share": {k: v / seconds for k, v in totals.items()},
+        "peak_rss_mib": peak_rss_mib(),
+        "max_abs_first_minibatch_kl": float(np.max(np.abs(kl))),
+        "steps_timed": steps,
+        "episode_steps_seen": int(rollout.positions.max()) + 1,
+    }
+    if dev.type == "cuda":
+        result["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    if rss_trace:
+        result["rss_trace_mib"] = rss_trace
+    return result
+
+
+def machine(device: str, threads: int | None) -> str:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f
+                       if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if device == "cuda" else ""
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), device {device}{gpu}")
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| row | configuration | SPS | env / inference / update | peak RSS MiB | "
+             "CUDA max alloc MiB | first-minibatch KL |",
+             "|---|---|--:|---|--:|--:|--:|"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['name']} | {r['what']} | failed: {r['error']} | | | | |")
+            continue
+        share = r["share"]
+        cuda = f"{r['cuda_max_allocated_mib']:,.0f}" if "cuda_max_allocated_mib" in r else "-"
+        lines.append(
+            f"| {r['name']} | {r['what']} | {r['sps']:,.0f} | {share['env']:.0%} / "
+            f"{share['inference']:.0%} / {share['update']:.0%} | {r['peak_rss_mib']:,.0f} | "
+            f"{cuda} | {r['max_abs_first_minibatch_kl']:.1e} |")
+    for r in results:
+        if "rss_trace_mib" in r:
+            trace = r["rss_trace_mib"]
+            lines.append(f"\n`{r['name']}`: RSS after each update (MiB), "
+                         f"{r['episode_steps_seen']:,} steps into one episode: "
+                         f"{trace[0]} -> {trace[-1]} (min {min(trace)}, max {max(trace)})")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", nargs="*", help="row names to run")
+    parser.add_argument("--json", default="benchmarks/out/results.json")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one row
+    args = parser.parse_args(argv)
+
+    if args.one:
+        print(json.dumps(measure(json.loads(args.one), args.device, args.threads)))
+        return 0
+
+    results = []
+    for spec in rows(args.quick):
+        if args.only and spec["name"] not in args.only:
+            continue
+        cmd = [sys.executable, "-m", "benchmarks.run", "--one", json.dumps(spec),
+               "--device", args.device]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
+            result = {"error": tail[:120]}
+        else:
+            result = json.loads(proc.stdout.strip().splitlines()[-1])
+        results.append({"name": spec["name"], "what": spec["what"], **result})
+        print(f"{spec['name']}: {json.dumps(result)}", file=sys.stderr, flush=True)
+    header = f"Machine: {machine(args.device, args.threads)}\n"
+    print(header)
+    print(table(results))
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"machine": header.strip(), "rows": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
