@@ -3,6 +3,7 @@
 from .cue_recall import CUE_RECALL_ID, CueRecall, register_cue_recall
 from .make import ENV_ALIASES, UnknownEnvError, list_env_ids, make_env
 from .minigrid_memory import MEMORY_MAX_STEPS
+from .replay import EpisodeReplay, ReplayError, restore_vector_env, vector_env_state
 from .vector import completed_episodes, final_observations, make_vector_env
 from .wrappers import RecordSuccess
 
@@ -13,11 +14,15 @@ __all__ = [
     "ENV_ALIASES",
     "MEMORY_MAX_STEPS",
     "CueRecall",
+    "EpisodeReplay",
     "RecordSuccess",
+    "ReplayError",
     "UnknownEnvError",
     "completed_episodes",
     "final_observations",
     "list_env_ids",
     "make_env",
     "make_vector_env",
+    "restore_vector_env",
+    "vector_env_state",
 ]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import os
+import signal
 from typing import Any
 
 import gymnasium as gym
@@ -11,16 +13,23 @@ from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv, Vecto
 from gymnasium.wrappers.vector import RecordEpisodeStatistics
 
 from .make import make_env
+from .replay import EpisodeReplay
 
 VECTORIZATIONS = ("sync", "async")
 
 
 def make_vector_env(
-    env_id: str, num_envs: int, vectorization: str = "sync", **env_kwargs: Any
+    env_id: str, num_envs: int, vectorization: str = "sync", replay: bool = False,
+    **env_kwargs: Any
 ) -> VectorEnv:
     """``num_envs`` copies of ``make_env(env_id, **env_kwargs)`` in one vector env.
 
     :param vectorization: ``"sync"`` (one process) or ``"async"`` (one subprocess per env).
+        Async workers ignore SIGINT and SIGTERM: the main process decides when to stop (a
+        Ctrl+C reaches the whole process group) and closes them.
+    :param replay: wrap every env in :class:`~trxl_rl.envs.replay.EpisodeReplay` (seeded
+        episodes, recorded actions), so that :func:`~trxl_rl.envs.replay.vector_env_state`
+        can save the envs as plain data and restore them exactly.
     :return: a ``SyncVectorEnv``/``AsyncVectorEnv`` with ``AutoresetMode.SAME_STEP`` inside
         gymnasium's vector ``RecordEpisodeStatistics``. On a step where env ``i`` ends its
         episode, ``obs[i]`` is already the first obs of its next episode and the finished
@@ -28,7 +37,8 @@ def make_vector_env(
         episode statistics are read with :func:`completed_episodes`.
 
     Seeding is the caller's job: ``envs.reset(seed=seed)`` seeds env ``i`` with ``seed + i``
-    (later autoresets continue each env's own generator); seed ``envs.action_space``
+    (later autoresets continue each env's own generator; with ``replay=True`` episode ``k``
+    of env ``i`` is reset with ``episode_seed(seed + i, k)``); seed ``envs.action_space``
     separately if actions are sampled from it. Avoid ``reset(options={"reset_mask": ...})``:
     in gymnasium 1.4 the inner vector env pops ``reset_mask`` before
     ``RecordEpisodeStatistics`` sees it, so the statistics of *all* envs restart.
@@ -37,9 +47,25 @@ def make_vector_env(
         raise ValueError(f"num_envs must be an integer >= 1, got {num_envs!r}")
     if vectorization not in VECTORIZATIONS:
         raise ValueError(f"vectorization must be one of {VECTORIZATIONS}, got {vectorization!r}")
-    env_fns = [functools.partial(make_env, env_id, **env_kwargs) for _ in range(int(num_envs))]
+    make = _make_replayable if replay else make_env
+    if vectorization == "async":
+        make = functools.partial(_in_worker, os.getpid(), make)
+    env_fns = [functools.partial(make, env_id, **env_kwargs) for _ in range(int(num_envs))]
     vector_cls = SyncVectorEnv if vectorization == "sync" else AsyncVectorEnv
     return RecordEpisodeStatistics(vector_cls(env_fns, autoreset_mode=AutoresetMode.SAME_STEP))
+
+
+def _make_replayable(env_id: str, **env_kwargs: Any) -> EpisodeReplay:
+    return EpisodeReplay(make_env(env_id, **env_kwargs))
+
+
+def _in_worker(main_pid: int, make: Any, *args: Any, **kwargs: Any) -> gym.Env:
+    """Build an env; inside an async worker (not in the main process, where AsyncVectorEnv
+    also builds one to read the spaces) ignore SIGINT/SIGTERM first."""
+    if os.getpid() != main_pid:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return make(*args, **kwargs)
 
 
 # Layout of a vector step's infos, verified with gymnasium 1.4.0 for SyncVectorEnv and
