@@ -1,17 +1,26 @@
 """Checkpoints: atomic writes, safe loads (``torch.load(weights_only=True)``), plain metadata.
 
-A checkpoint is one ``.pt`` file holding a dict of tensors and plain data only:
+A checkpoint is one ``.pt`` file holding a dict of tensors and plain data only, so loading
+one never runs code from the file:
 
 - ``format_version`` (int), ``model`` and ``optimizer`` state dicts,
 - ``config`` (the resolved :class:`trxl_rl.config.TrainConfig` as a dict),
 - ``spaces`` (observation and action spaces as plain dicts, see :func:`space_to_dict`),
-- ``counters`` (``global_step``, ``update``) and ``rng`` (torch / numpy / python states).
+- ``counters`` (``global_step``, ``update``),
+- since format 2, the training state that makes ``--resume`` exact (see
+  :mod:`trxl_rl.resume`): ``rng`` (torch / CUDA / numpy / python states), ``shuffle`` (the
+  minibatch generator), ``carry`` (each env's current observation, episode-start flag and
+  memory) and ``envs`` (each env as seed + actions, see :mod:`trxl_rl.envs.replay`).
+
+Format 1 files (written before the training state was added) load for evaluation and
+:func:`load_agent`, but cannot be resumed.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import random
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -20,7 +29,9 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
+RESUMABLE_FORMATS = (2,)
 
 
 class CheckpointError(ValueError):
@@ -87,40 +98,158 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
 
 
 REQUIRED_KEYS = ("format_version", "model", "config", "spaces", "counters")
+TRAINING_STATE_KEYS = ("optimizer", "rng", "shuffle", "carry", "envs")
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
+                    resume: bool = False) -> dict:
     """Load and check a checkpoint; no code from the file is executed.
 
-    :raises CheckpointError: missing, not a checkpoint, truncated/corrupt, or another format
-        version. The message names the file and what to do.
+    :param path: a ``.pt`` file, or a run directory (its newest checkpoint is used).
+    :param resume: also require the training state that ``--resume`` needs.
+    :return: the checkpoint dict, plus ``path`` (the file read).
+    :raises CheckpointError: missing, not a checkpoint, truncated/corrupt, another format
+        version, or (with ``resume``) no training state. The message is one line that names
+        the file and what to do.
     """
     path = Path(path)
     if path.is_dir():
         newest = latest_checkpoint(path)
         if newest is None:
-            raise CheckpointError(f"no checkpoint (*.pt) found in {str(path)!r}")
+            raise CheckpointError(f"no checkpoint (update_*.pt) found in {str(path)!r}")
         path = newest
     if not path.exists():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist; check the path")
     try:
-        data = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, OSError,
-            ValueError, KeyError, IndexError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        with open(path, "rb") as f:
+            magic = f.read(len(ZIP_MAGIC))
+    except OSError as err:
+        raise CheckpointError(f"cannot read {str(path)!r}: {err.strerror}") from None
+    if magic != ZIP_MAGIC:
         raise CheckpointError(
-            f"{str(path)!r} is not a readable trxl_rl checkpoint (truncated or corrupt?): "
-            f"{reason[:200]}"
-        ) from None
+            f"{str(path)!r} is not a trxl_rl checkpoint (not a file written by torch.save)")
+    try:
+        data = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights only" in str(err).lower():
+            raise CheckpointError(
+                f"{str(path)!r} holds Python objects other than tensors and plain data; "
+                "trxl_rl does not load such files (it would have to run code from them)"
+            ) from None
+        raise CheckpointError(_unreadable(path, err)) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError,
+            IndexError, TypeError) as err:
+        raise CheckpointError(_unreadable(path, err)) from None
     if not isinstance(data, dict) or any(key not in data for key in REQUIRED_KEYS):
         raise CheckpointError(f"{str(path)!r} is not a trxl_rl checkpoint (keys missing)")
-    if data["format_version"] != FORMAT_VERSION:
+    version = data["format_version"]
+    if version not in READABLE_FORMATS:
         raise CheckpointError(
-            f"{str(path)!r} has checkpoint format {data['format_version']}, this trxl_rl reads "
-            f"format {FORMAT_VERSION}; use the trxl_rl version that wrote it"
+            f"{str(path)!r} has checkpoint format {version!r}, this trxl_rl reads formats "
+            f"{', '.join(map(str, READABLE_FORMATS))}; use the trxl_rl version that wrote it"
+        )
+    if resume and (version not in RESUMABLE_FORMATS
+                   or any(key not in data for key in TRAINING_STATE_KEYS)):
+        raise CheckpointError(
+            f"{str(path)!r} (format {version}) holds no training state to resume from; it can "
+            "still be evaluated (python -m trxl_rl.evaluate)"
         )
     data["path"] = str(path)
     return data
+
+
+def _unreadable(path: Path, err: BaseException) -> str:
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return (f"{str(path)!r} is not a readable trxl_rl checkpoint (truncated or corrupt?): "
+            f"{reason[:160]}")
+
+
+def describe_space(data: dict) -> str:
+    """One-line summary of a space in :func:`space_to_dict` form, for error messages."""
+    kind = data["type"]
+    if kind == "Box":
+        return f"Box(shape={tuple(data['shape'])}, dtype={data['dtype']})"
+    if kind == "Discrete":
+        return f"Discrete({data['n']})" if not data["start"] else \
+            f"Discrete({data['n']}, start={data['start']})"
+    if kind == "MultiDiscrete":
+        return f"MultiDiscrete({data['nvec']})"
+    if kind == "MultiBinary":
+        return f"MultiBinary({data['n']})"
+    if kind == "Dict":
+        inner = ", ".join(f"{k}: {describe_space(v)}" for k, v in data["spaces"].items())
+        return f"Dict({inner})"
+    return kind
+
+
+def check_spaces(checkpoint: dict, observation_space: spaces.Space,
+                 action_space: spaces.Space, env_id: str) -> None:
+    """Raise :class:`CheckpointError` unless the env's spaces equal those the policy was
+    trained on (shapes, dtypes and bounds)."""
+    for name, space in (("observation", observation_space), ("action", action_space)):
+        trained, found = checkpoint["spaces"][name], space_to_dict(space)
+        if trained != found:
+            what, other = describe_space(found), describe_space(trained)
+            if what == other:
+                what, other = f"{what} with other bounds", f"{other} with its own bounds"
+            raise CheckpointError(
+                f"env {env_id!r} does not fit the checkpoint: its {name} space is {what}, "
+                f"the policy was trained on {other}"
+            )
+
+
+def config_from_checkpoint(checkpoint: dict):
+    """The :class:`trxl_rl.config.TrainConfig` a checkpoint was trained with."""
+    from trxl_rl.config import ConfigError, build_config
+
+    try:
+        return build_config(checkpoint["config"])
+    except (ConfigError, TypeError, AttributeError) as err:
+        raise CheckpointError(
+            f"{checkpoint.get('path', 'checkpoint')!r} holds a config this trxl_rl cannot "
+            f"read: {err}"
+        ) from None
+
+
+def agent_from_checkpoint(checkpoint: dict, device: str | torch.device = "cpu"):
+    """Rebuild the trained agent (eval mode, on ``device``) from a loaded checkpoint."""
+    from trxl_rl.train import make_agent
+
+    cfg = config_from_checkpoint(checkpoint)
+    obs_space = space_from_dict(checkpoint["spaces"]["observation"])
+    act_space = space_from_dict(checkpoint["spaces"]["action"])
+    agent = make_agent(cfg, obs_space, act_space)
+    try:
+        agent.load_state_dict(checkpoint["model"])
+    except RuntimeError as err:
+        reason = str(err).strip().splitlines()[0]
+        raise CheckpointError(
+            f"{checkpoint.get('path', 'checkpoint')!r}: weights do not fit the model its config "
+            f"describes: {reason[:160]}"
+        ) from None
+    return agent.to(device).eval()
+
+
+def load_agent(path: str | Path, device: str | torch.device = "cpu"):
+    """A trained policy, ready to act: :class:`trxl_rl.agents.TrXLAgent` in eval mode.
+
+    >>> agent = load_agent("runs/my_run")                # newest checkpoint of a run
+    >>> state = agent.initial_state(num_envs)            # or memory_length=M2 (not "learned")
+    >>> out = agent.act(obs, state, episode_start)       # out.action, out.value, out.state
+
+    The agent has ``observation_space``, ``action_space`` (those it was trained on) and
+    ``train_config`` (the :class:`trxl_rl.config.TrainConfig`) attributes.
+
+    :param path: a checkpoint file, or a run directory (its newest checkpoint).
+    :raises CheckpointError: see :func:`load_checkpoint`.
+    """
+    checkpoint = load_checkpoint(path, map_location="cpu")
+    agent = agent_from_checkpoint(checkpoint, device)
+    agent.observation_space = space_from_dict(checkpoint["spaces"]["observation"])
+    agent.action_space = space_from_dict(checkpoint["spaces"]["action"])
+    agent.train_config = config_from_checkpoint(checkpoint)
+    return agent
 
 
 def checkpoint_name(update: int) -> str:
@@ -137,13 +266,13 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
 
 
 def rng_state() -> dict:
-    """Global RNG states as plain data / tensors (loadable with ``weights_only=True``)."""
+    """Global RNG states as plain data / tensors (loadable with ``weights_only=True``):
+    torch CPU, every CUDA device torch has initialised, numpy, python."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    import random
-
     version, internal, gauss_next = random.getstate()
     return {
         "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
         "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
                   "has_gauss": has_gauss, "gauss": gauss},
         "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
@@ -151,9 +280,12 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    import random
-
+    """Restore :func:`rng_state` output. CUDA states are restored where this machine has as
+    many CUDA devices as the one that saved them."""
     torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda", [])
+    if cuda and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
+        torch.cuda.set_rng_state_all(cuda)
     n = state["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"],
                          n["has_gauss"], n["gauss"]))

@@ -25,7 +25,14 @@ import numpy as np
 import torch
 import yaml
 
-from trxl_rl.checkpoint import checkpoint_name, save_checkpoint, space_to_dict
+from trxl_rl.checkpoint import (
+    CheckpointError,
+    check_spaces,
+    checkpoint_name,
+    load_checkpoint,
+    save_checkpoint,
+    space_to_dict,
+)
 from trxl_rl.config import (
     PRESETS,
     ConfigError,
@@ -36,6 +43,14 @@ from trxl_rl.config import (
     read_yaml,
 )
 from trxl_rl.ppo import linear_schedule, ppo_update
+from trxl_rl.resume import (
+    StopOnSignal,
+    TrainingInterrupted,
+    restore_training,
+    resume_config,
+    run_dir_of,
+    training_state,
+)
 from trxl_rl.rollout import Rollout, obs_to_tensor
 
 
@@ -110,11 +125,15 @@ def collect(agent, envs, rollout: Rollout, obs, state, episode_start, device, ep
     return obs, state, episode_start
 
 
-def train(cfg: TrainConfig, on_update: Callable[[int, dict[str, float]], None] | None = None
-          ) -> dict[str, Any]:
+def train(cfg: TrainConfig, on_update: Callable[[int, dict[str, float]], None] | None = None,
+          resume: dict | None = None) -> dict[str, Any]:
     """Run the training described by ``cfg``; returns the final evaluation summary.
 
     :param on_update: called after every update with (update number, logged scalars).
+    :param resume: a checkpoint of this run (``load_checkpoint(path, resume=True)``, with
+        ``cfg = resume_config(checkpoint, overrides)``) to continue from exactly.
+    :raises TrainingInterrupted: a SIGINT or SIGTERM arrived; the update in progress was
+        finished and a checkpoint written first.
     """
     from trxl_rl.agents import action_dtype, action_shape
     from trxl_rl.envs import make_vector_env
@@ -126,7 +145,8 @@ def train(cfg: TrainConfig, on_update: Callable[[int, dict[str, float]], None] |
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
-    envs = make_vector_env(cfg.env.id, cfg.env.num_envs, cfg.env.vectorization, **cfg.env.kwargs)
+    envs = make_vector_env(cfg.env.id, cfg.env.num_envs, cfg.env.vectorization, replay=True,
+                           **cfg.env.kwargs)
     obs_space, act_space = envs.single_observation_space, envs.single_action_space
     agent = make_agent(cfg, obs_space, act_space).to(device)
     optimizer = torch.optim.AdamW(agent.parameters(), lr=cfg.ppo.learning_rate,
@@ -139,7 +159,9 @@ def train(cfg: TrainConfig, on_update: Callable[[int, dict[str, float]], None] |
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
-    writer = SummaryWriter(str(run_dir))
+    # A resumed run hides what the interrupted one logged after its checkpoint.
+    writer = SummaryWriter(str(run_dir), purge_step=None if resume is None
+                           else resume["counters"]["global_step"] + 1)
     b, t_steps = cfg.env.num_envs, cfg.ppo.rollout_steps
     rollout = Rollout(t_steps, b, obs_space, action_shape(act_space), action_dtype(act_space),
                       cfg.model.num_layers, cfg.model.memory_length, cfg.model.dim, device)
@@ -150,10 +172,16 @@ def train(cfg: TrainConfig, on_update: Callable[[int, dict[str, float]], None] |
     envs.action_space.seed(cfg.seed)
     state = agent.initial_state(b)
     episode_start = torch.ones(b, dtype=torch.bool, device=device)
+    first_update, global_step = 1, 0
+    if resume is not None:
+        obs, state, episode_start = restore_training(resume, agent, optimizer, shuffle, envs,
+                                                     device)
+        first_update = resume["counters"]["update"] + 1
+        global_step = resume["counters"]["global_step"]
     episodes = EpisodeLog()
-    global_step, start_time = 0, time.perf_counter()
-    bar = tqdm(total=num_updates * b * t_steps, unit="step", disable=not cfg.progress,
-               dynamic_ncols=True)
+    start_step, start_time = global_step, time.perf_counter()
+    bar = tqdm(total=num_updates * b * t_steps, initial=global_step, unit="step",
+               disable=not cfg.progress, dynamic_ncols=True)
     shown: dict[str, float] = {}
 
     def checkpoint(update: int) -> None:
@@ -163,10 +191,12 @@ def train(cfg: TrainConfig, on_update: Callable[[int, dict[str, float]], None] |
             "spaces": {"observation": space_to_dict(obs_space),
                        "action": space_to_dict(act_space)},
             "counters": {"global_step": global_step, "update": update},
+            **training_state(envs, obs, state, episode_start, shuffle),
         })
 
+    stop = StopOnSignal().install()
     try:
-        for update in range(1, num_updates + 1):
+        for update in range(first_update, num_updates + 1):
             progress = (update - 1) / num_updates
             lr = linear_schedule(cfg.ppo.learning_rate, cfg.ppo.learning_rate_final, progress)
             for group in optimizer.param_groups:
@@ -187,7 +217,7 @@ def train(cfg: TrainConfig, on_update: Callable[[int, dict[str, float]], None] |
             global_step += b * t_steps
 
             stats.update(episodes.flush())
-            stats["charts/SPS"] = global_step / (t2 - start_time)
+            stats["charts/SPS"] = (global_step - start_step) / (t2 - start_time)
             stats["charts/learning_rate"] = lr
             stats["charts/entropy_coef"] = entropy_coef
             stats["charts/rollout_seconds"] = t1 - t0
@@ -203,9 +233,14 @@ def train(cfg: TrainConfig, on_update: Callable[[int, dict[str, float]], None] |
             shown["SPS"] = int(stats["charts/SPS"])
             bar.set_postfix(shown, refresh=False)
             bar.update(b * t_steps)
-            if update % cfg.checkpoint_every == 0 or update == num_updates:
+            if update % cfg.checkpoint_every == 0 or update == num_updates or stop.signum:
                 checkpoint(update)
+            if stop.signum:
+                writer.close()
+                raise TrainingInterrupted(stop.signum,
+                                          run_dir / "checkpoints" / checkpoint_name(update))
     finally:
+        stop.uninstall()
         bar.close()
         envs.close()
 
@@ -252,6 +287,13 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, An
     parser.add_argument("--total-steps", type=int)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--run-name")
+    parser.add_argument("--resume", metavar="RUN",
+                        help="continue the run in directory RUN (e.g. runs/<run>) from its "
+                             "newest checkpoint, or from the checkpoint file RUN, with the "
+                             "run's own config; only --total-steps, --device, --threads, "
+                             "--progress, --checkpoint_every and --eval_episodes may change. "
+                             "SIGINT/SIGTERM during training save a checkpoint after the "
+                             "current update and exit with 130/143")
     args, rest = parser.parse_known_args(argv)
     overrides: dict[str, Any] = {}
     i = 0
@@ -295,17 +337,33 @@ def resolve_config(args: argparse.Namespace, overrides: dict[str, Any]) -> Train
 def main(argv: list[str] | None = None) -> int:
     from trxl_rl.envs import UnknownEnvError, make_env
 
+    resume = None
     try:
         args, overrides = parse_args(argv)
-        cfg = resolve_config(args, overrides)
-        make_env(cfg.env.id, **cfg.env.kwargs).close()  # fail on a bad env before writing
-    except (ConfigError, UnknownEnvError) as err:
+        if args.resume is not None:
+            if args.env is not None or args.config is not None:
+                raise ConfigError("--resume takes env and config from the checkpoint; "
+                                  "drop --env/--config")
+            resume = load_checkpoint(args.resume, resume=True)
+            cfg = resume_config(resume, overrides)
+        else:
+            cfg = resolve_config(args, overrides)
+        env = make_env(cfg.env.id, **cfg.env.kwargs)  # fail on a bad env before writing
+        env.close()
+        if resume is not None:
+            check_spaces(resume, env.observation_space, env.action_space, cfg.env.id)
+    except (ConfigError, UnknownEnvError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except (ValueError, TypeError) as err:
         print(f"error: bad env.kwargs for {cfg.env.id!r}: {err}", file=sys.stderr)
         return 2
-    summary = train(cfg)
+    try:
+        summary = train(cfg, resume=resume)
+    except TrainingInterrupted as stop:
+        print(f"{stop}; continue with: python -m trxl_rl.train --resume "
+              f"{run_dir_of(stop.checkpoint)}", file=sys.stderr)
+        return stop.exit_code
     print(json.dumps(summary))
     return 0
 

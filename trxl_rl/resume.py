@@ -1,0 +1,206 @@
+"""Resuming a training run exactly, and stopping one cleanly on SIGINT / SIGTERM.
+
+Weights and optimizer state are not enough for a resumed run to continue as if it had never
+stopped. A checkpoint written by the trainer also holds (:func:`training_state`):
+
+- the random generators: torch (CPU and CUDA; action sampling), numpy, python, and the
+  trainer's minibatch ``shuffle`` generator;
+- the rollout carry: every env's current observation, its episode-start flag and its
+  Transformer-XL memory (hidden states, valid slots, position; the key/value caches are
+  not stored, they are rebuilt from the hidden states);
+- the environments, as plain data: each env's episode seed and the actions taken in its
+  current episode (:mod:`trxl_rl.envs.replay`), plus the running episode returns and lengths.
+
+:func:`restore_training` puts all of it back; on CPU the resumed run then computes exactly
+what the uninterrupted run would have (tested bit for bit). The environments are rebuilt by
+replaying their current episode, which requires ``reset(seed=...)`` and ``step`` to be
+deterministic (gymnasium's contract); an env that replays differently is reported and the
+run continues from the state the env actually reached.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from trxl_rl.checkpoint import CheckpointError, config_from_checkpoint, rng_state, set_rng_state
+from trxl_rl.config import ConfigError, TrainConfig
+from trxl_rl.memory import MemoryState
+from trxl_rl.rollout import obs_to_tensor, tree_map
+
+# Config keys that may change when a run is resumed: none of them changes what is learned,
+# except total_steps, which stretches the linear schedules from the resume point on.
+RESUME_OVERRIDABLE = ("total_steps", "device", "threads", "progress", "checkpoint_every",
+                      "eval_episodes")
+
+
+def _plain(tree: Any) -> Any:
+    """numpy arrays -> tensors, recursively (``weights_only`` loads no numpy arrays)."""
+    if isinstance(tree, dict):
+        return {key: _plain(value) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [_plain(value) for value in tree]
+    if isinstance(tree, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(tree))
+    return tree
+
+
+def _numpy(tree: Any) -> Any:
+    """Inverse of :func:`_plain`."""
+    if isinstance(tree, dict):
+        return {key: _numpy(value) for key, value in tree.items()}
+    if isinstance(tree, list):
+        return [_numpy(value) for value in tree]
+    if isinstance(tree, Tensor):
+        return tree.numpy()
+    return tree
+
+
+def training_state(envs, obs, state: MemoryState, episode_start: Tensor,
+                   shuffle: torch.Generator) -> dict[str, Any]:
+    """Everything besides model and optimizer that the next update depends on.
+
+    :param envs: the trainer's vector env (built with ``make_vector_env(..., replay=True)``).
+    :param obs: the batched observation the next rollout starts from (numpy, as the vector
+        env returned it).
+    :param state: every env's memory ``[B, L, M, D]``; ``episode_start``: ``[B]`` bool.
+    :param shuffle: the minibatch generator of the PPO update.
+    """
+    from trxl_rl.envs import vector_env_state
+
+    cpu = torch.device("cpu")
+    return {
+        "rng": rng_state(),
+        "shuffle": shuffle.get_state(),
+        "carry": {
+            "obs": tree_map(lambda t: t.clone(), obs_to_tensor(obs, cpu)),
+            "episode_start": episode_start.cpu(),
+            "memory": {"hidden": state.hidden.cpu(), "valid": state.valid.cpu(),
+                       "position": state.position.cpu()},
+        },
+        "envs": _plain(vector_env_state(envs)),
+    }
+
+
+def _obs_equal(a: Any, b: Any) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_obs_equal(a[k], b[k]) for k in a)
+    return np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def restore_training(checkpoint: dict, agent: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     shuffle: torch.Generator, envs, device: torch.device
+                     ) -> tuple[Any, MemoryState, Tensor]:
+    """Load model, optimizer, generators and environments from a checkpoint written by the
+    trainer (after ``envs.reset``); returns the carry ``(obs, state, episode_start)``."""
+    from gymnasium.vector.utils import concatenate, create_empty_array
+
+    from trxl_rl.envs import ReplayError, restore_vector_env
+
+    agent.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    shuffle.set_state(checkpoint["shuffle"])
+    carry = checkpoint["carry"]
+    obs = _numpy(carry["obs"])
+    space = envs.single_observation_space
+    try:
+        replayed = restore_vector_env(envs, _numpy(checkpoint["envs"]))
+    except ReplayError as err:
+        raise CheckpointError(f"cannot restore the environments: {err}") from None
+    replayed = concatenate(space, replayed, create_empty_array(space, n=len(replayed)))
+    if not _obs_equal(replayed, obs):
+        warnings.warn("the environments did not replay to the observations saved in the "
+                      "checkpoint (nondeterministic env?); the resumed run continues from "
+                      "where they are, but is not identical to an uninterrupted one",
+                      stacklevel=2)
+        obs = replayed
+    memory = carry["memory"]
+    state = MemoryState(hidden=memory["hidden"].to(device), valid=memory["valid"].to(device),
+                        position=memory["position"].to(device))
+    episode_start = carry["episode_start"].to(device)
+    set_rng_state(checkpoint["rng"])
+    return obs, state, episode_start
+
+
+def run_dir_of(checkpoint_path: str | Path) -> Path:
+    """The run directory of a checkpoint file (``<run>/checkpoints/update_*.pt``)."""
+    path = Path(checkpoint_path)
+    return path.parent.parent if path.parent.name == "checkpoints" else path.parent
+
+
+def resume_config(checkpoint: dict, overrides: dict[str, Any]) -> TrainConfig:
+    """The checkpoint's config, writing into the run directory the checkpoint is in, with the
+    few ``overrides`` a resumed run may change (:data:`RESUME_OVERRIDABLE`).
+
+    :raises ConfigError: an override of another key.
+    """
+    refused = sorted(key for key in overrides if key not in RESUME_OVERRIDABLE)
+    if refused:
+        raise ConfigError(
+            f"--resume continues a run with the config it was started with; it cannot change "
+            f"{', '.join(refused)} (allowed: {', '.join(RESUME_OVERRIDABLE)})"
+        )
+    cfg = config_from_checkpoint(checkpoint)
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    run_dir = run_dir_of(checkpoint["path"])
+    cfg.log_dir, cfg.run_name = str(run_dir.parent), run_dir.name
+    return cfg.validate()
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on a signal after saving a checkpoint.
+
+    :param signum: the signal; :attr:`exit_code` is the shell's ``128 + signum`` (130 for
+        SIGINT, 143 for SIGTERM).
+    :param checkpoint: the checkpoint written just before stopping.
+    """
+
+    def __init__(self, signum: int, checkpoint: Path) -> None:
+        self.signum, self.checkpoint = signum, Path(checkpoint)
+        name = signal.Signals(signum).name
+        super().__init__(f"stopped by {name} after saving {checkpoint}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class StopOnSignal:
+    """Turn the first SIGINT / SIGTERM into a request (:attr:`signum`) that the training loop
+    honours after the current update; a second one acts as usual (SIGINT raises
+    ``KeyboardInterrupt``, SIGTERM ends the process), leaving the previous checkpoint.
+
+    Handlers can only be installed from the main thread; elsewhere this does nothing.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+        self.uninstall()
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this update, then "
+              "stopping (send it again to stop at once without saving)", file=sys.stderr)
