@@ -1,19 +1,41 @@
 """Evaluate a policy: success rate (with a 95% confidence interval), return and length.
 
-``python -m trxl_rl.evaluate CHECKPOINT`` runs a saved policy; :func:`run_episodes` is what
-the trainer uses for its final evaluation on seeds not used in training.
+    python -m trxl_rl.evaluate runs/<run>                    # the run's newest checkpoint
+    python -m trxl_rl.evaluate runs/<run>/checkpoints/update_0000100.pt --episodes 500 \\
+        --env MiniGrid-MemoryS17Random-v0 --memory-length 128 --deterministic --json eval.json
+    python -m trxl_rl.evaluate runs/<run> --video episodes.gif --attention attention.png
+
+The policy runs with its memory, reset at every episode start. ``--env`` may differ from the
+training env when the observation and action spaces are equal; ``--memory-length`` may exceed
+the trained one for the "relative", "absolute" and "none" positional encodings.
+``--attention`` draws, for one episode, the last layer's attention over its memory at every
+step (recomputed from the layer's inputs, :class:`AttentionRecorder`).
+
+:func:`run_episodes` is what the trainer uses for its final evaluation on seeds not used in
+training; the CLI's default ``--seed`` (training seed + 1,000,000) picks the same seeds.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor, nn
 
 from trxl_rl.envs import completed_episodes, make_vector_env
 from trxl_rl.rollout import obs_to_tensor
+
+EVAL_SEED_OFFSET = 1_000_000  # evaluation seeds = training seed + this (unused in training)
+VIDEO_SUFFIXES = (".gif", ".mp4")
+FIGURE_SUFFIXES = (".png", ".pdf", ".svg")
 
 
 def run_episodes(agent, env_id: str, env_kwargs: dict, episodes: int, seed: int,
@@ -78,3 +100,376 @@ def summarize(results: dict[str, np.ndarray]) -> dict[str, Any]:
         "length_mean": float(results["length"].mean()) if n else float("nan"),
         "length_median": float(np.median(results["length"])) if n else float("nan"),
     }
+
+
+# --- attention -------------------------------------------------------------------------------
+
+def attention_weights(layer: nn.Module, h: Tensor, keys: Tensor, values: Tensor,
+                      visible: Tensor, pos_keys: Tensor | None, distance: Tensor) -> Tensor:
+    """The attention probabilities a :class:`trxl_rl.memory.TrXLLayer` uses, from its inputs.
+
+    ``F.scaled_dot_product_attention`` inside the layer does not return them, so this repeats
+    the layer's score computation: ``softmax(((q + u) . k_j + (q + v) . r_{i-j}) / sqrt(Dh))``
+    over the visible keys (the relative terms only for relative/learned encodings).
+
+    :param h: layer input ``[B, N, D]``; the other arguments are those of ``layer.forward``:
+        keys/values ``[B, H, M + N, Dh]``, visible ``[B, 1, N, M + N]``, pos_keys
+        ``[M + 1, H, Dh]`` or None, distance ``[N, M + N]``.
+    :return: ``[B, H, N, M + N]``, zero where a key is not visible.
+    """
+    heads, head_dim = layer.num_heads, layer.head_dim
+    q = layer.query(layer.norm_attn(h) if layer.pre_norm else h)  # [B, N, D]
+    q = q.unflatten(-1, (heads, head_dim)).transpose(1, 2)  # [B, H, N, Dh]
+    scale = 1.0 / math.sqrt(head_dim)
+    if pos_keys is None:
+        scores = q @ keys.transpose(-1, -2) * scale  # [B, H, N, M + N]
+    else:
+        by_distance = torch.einsum("bhnd,khd->bhnk", q + layer.position_bias[:, None], pos_keys)
+        bias = by_distance.gather(-1, distance.expand(*by_distance.shape[:2], -1, -1))
+        scores = (q + layer.content_bias[:, None]) @ keys.transpose(-1, -2) * scale + bias * scale
+    return scores.masked_fill(~visible, float("-inf")).softmax(-1)
+
+
+class AttentionRecorder:
+    """Record a layer's attention probabilities at every call (a forward pre-hook).
+
+    >>> with AttentionRecorder(agent.memory.layers[-1]) as recorder:
+    ...     out = agent.act(obs, state, episode_start)
+    >>> recorder.weights[-1]  # [B, H, 1, M + 1]: this step's attention over memory + itself
+
+    :attr weights: one ``[B, H, N, M + N]`` tensor per call; :attr visible: the matching
+        ``[B, 1, N, M + N]`` masks.
+    """
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.layer = layer
+        self.weights: list[Tensor] = []
+        self.visible: list[Tensor] = []
+        self._handle = None
+
+    def _hook(self, module: nn.Module, args: tuple) -> None:
+        with torch.no_grad():
+            self.weights.append(attention_weights(module, *args).cpu())
+        self.visible.append(args[3].cpu())
+
+    def __enter__(self) -> AttentionRecorder:
+        self._handle = self.layer.register_forward_pre_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._handle.remove()
+
+
+def _batch1(obs: Any) -> Any:
+    """One env's observation -> a batch of one (arrays or dicts of them)."""
+    if isinstance(obs, dict):
+        return {key: _batch1(value) for key, value in obs.items()}
+    return np.asarray(obs)[None]
+
+
+def play_episode(agent, env, seed: int, device: torch.device, deterministic: bool = False,
+                 memory_length: int | None = None,
+                 on_step: Callable[[], None] | None = None) -> dict[str, Any]:
+    """One episode of a single (non-vector) env; ``on_step()`` runs after the reset and after
+    every step (e.g. to grab ``env.render()``).
+
+    :return: ``{"return": float, "length": int, "success": float (nan if undefined)}``.
+    """
+    obs, _ = env.reset(seed=seed)
+    state = agent.initial_state(1, memory_length=memory_length)
+    start = torch.ones(1, dtype=torch.bool, device=device)
+    total, length, info = 0.0, 0, {}
+    if on_step is not None:
+        on_step()
+    done = False
+    while not done:
+        out = agent.act(obs_to_tensor(_batch1(obs), device), state, start, deterministic)
+        state, start = out.state, torch.zeros_like(start)
+        obs, reward, terminated, truncated, info = env.step(out.action[0].cpu().numpy())
+        total, length, done = total + float(reward), length + 1, terminated or truncated
+        if on_step is not None:
+            on_step()
+    success = float(info["success"]) if "success" in info else float("nan")
+    return {"return": total, "length": length, "success": success}
+
+
+def attention_map(agent, env, seed: int, device: torch.device, deterministic: bool = False,
+                  memory_length: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """Play one episode and return the last layer's attention at every step by distance.
+
+    :return: ``([T, M + 1] mean over heads of the attention of step t on the token d steps
+        back, nan where that token is not visible), the episode's result``.
+    """
+    with AttentionRecorder(agent.memory.layers[-1]) as recorder:
+        result = play_episode(agent, env, seed, device, deterministic, memory_length)
+    rows = []
+    for weights, visible in zip(recorder.weights, recorder.visible, strict=True):
+        w = weights[0, :, 0].mean(0)  # [M + 1] over keys, oldest memory slot first
+        w = torch.where(visible[0, 0, 0], w, torch.nan)
+        rows.append(w.flip(0).numpy())  # index d = distance (0 = the step itself)
+    return np.stack(rows), result
+
+
+def plot_attention(heat: np.ndarray, path: Path, title: str) -> None:
+    """Heat map of :func:`attention_map` output: x = step, y = distance into memory."""
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    steps = heat.shape[0]
+    heat = heat[:, :steps]  # distances beyond the episode's length are never visible
+    span = heat.shape[1]
+    fig = Figure(figsize=(min(16.0, 6.0 + 0.05 * steps), 4.5), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    # Grey: tokens not visible (before the episode, or beyond the memory).
+    cmap = colormaps["viridis"].with_extremes(bad="#e6e6e6")
+    image = ax.imshow(np.ma.masked_invalid(heat.T), origin="lower", aspect="auto",
+                      interpolation="nearest", cmap=cmap, vmin=0.0,
+                      extent=(-0.5, steps - 0.5, -0.5, span - 0.5))
+    first = np.arange(min(steps, span))
+    ax.plot(first, first, color="tab:red", linestyle=":", linewidth=1.2,
+            label="first step of the episode")
+    ax.set_xlabel("step in episode")
+    ax.set_ylabel("distance into memory (steps back)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="upper left", fontsize=8, framealpha=0.6)
+    fig.colorbar(image, ax=ax, label="attention (mean over heads)")
+    fig.tight_layout()
+    _write_atomic(path, lambda tmp: fig.savefig(tmp, format=path.suffix[1:]))
+
+
+# --- output ----------------------------------------------------------------------------------
+
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file in the same folder, so an existing ``path`` is either
+    kept or replaced whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_video(frames: list[np.ndarray], path: Path, fps: int = 6) -> None:
+    """GIF (Pillow) or MP4 (needs ``imageio-ffmpeg``) of ``[H, W, 3]`` uint8 frames."""
+    import imageio.v3 as iio
+
+    if path.suffix == ".gif":
+        _write_atomic(path, lambda tmp: iio.imwrite(tmp, np.stack(frames), extension=".gif",
+                                                    duration=1000 / fps, loop=0))
+    else:
+        _write_atomic(path, lambda tmp: iio.imwrite(tmp, np.stack(frames), extension=".mp4",
+                                                    fps=fps, plugin="FFMPEG",
+                                                    macro_block_size=1))
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    return value
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The printed summary of :func:`main`."""
+    def num(x: float | None, digits: int = 3) -> str:
+        return "n/a" if x is None else f"{x:.{digits}f}"
+
+    low, high = report["success_ci95"]
+    rate = "n/a (the env reports no success)" if report["success_rate"] is None else \
+        f"{num(report['success_rate'])}  (95% CI {num(low)}-{num(high)})"
+    policy = "deterministic" if report["deterministic"] else "stochastic"
+    rows = [
+        ("checkpoint", f"{report['checkpoint']}  (update {report['update']}, "
+                       f"{report['global_step']} steps)"),
+        ("env", f"{report['env']}  {report['env_kwargs']}" if report["env_kwargs"]
+         else report["env"]),
+        ("policy", f"{policy}, memory length {report['memory_length']}, "
+                   f"seed {report['seed']}"),
+        ("episodes", str(report["episodes"])),
+        ("success rate", rate),
+        ("return", f"mean {num(report['return_mean'])}  median {num(report['return_median'])}"),
+        ("length", f"mean {num(report['length_mean'], 1)}  "
+                   f"median {num(report['length_median'], 1)}"),
+    ]
+    return "\n".join(f"{name:<14}{value}" for name, value in rows)
+
+
+# --- CLI -------------------------------------------------------------------------------------
+
+class UsageError(ValueError):
+    """A command-line problem; the message is one line."""
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m trxl_rl.evaluate",
+        description="Evaluate a trained policy: success rate with a 95%% confidence interval, "
+                    "return and episode length; optionally record videos and draw attention.",
+    )
+    parser.add_argument("checkpoint", help="checkpoint file, or run directory (its newest "
+                                           "checkpoint)")
+    parser.add_argument("--env", help="gymnasium id to evaluate on (default: the training env); "
+                                      "its spaces must equal the training env's")
+    parser.add_argument("--env-kwargs", default="{}", metavar="YAML",
+                        help="make_env kwargs over the training ones, e.g. '{max_steps: 300}'; "
+                             "a null value drops a training kwarg")
+    parser.add_argument("--episodes", type=_positive, default=100)
+    parser.add_argument("--seed", type=int, help="first env seed (default: training seed + "
+                                                 f"{EVAL_SEED_OFFSET:,}, unseen in training)")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="take the most likely action instead of sampling")
+    parser.add_argument("--memory-length", type=_non_negative, metavar="M",
+                        help="run with memory length M (default: as trained; larger works for "
+                             "relative, absolute and none positional encodings)")
+    parser.add_argument("--num-envs", type=_positive, default=16,
+                        help="parallel envs for the evaluation episodes")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--json", type=Path, metavar="OUT.json", help="write the summary here")
+    parser.add_argument("--video", type=Path, metavar="OUT.gif|OUT.mp4",
+                        help="record episodes (env rendered as rgb_array; .mp4 needs "
+                             "imageio-ffmpeg)")
+    parser.add_argument("--video-episodes", type=_positive, default=3)
+    parser.add_argument("--attention", type=Path, metavar="OUT.png",
+                        help="heat map of the last layer's attention over the memory during "
+                             "one episode (x = step, y = distance into memory)")
+    return parser.parse_args(argv)
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    if args.video is not None:
+        if args.video.suffix not in VIDEO_SUFFIXES:
+            raise UsageError(f"--video must end in {' or '.join(VIDEO_SUFFIXES)}, got "
+                             f"{str(args.video)!r}")
+        if args.video.suffix == ".mp4":
+            import importlib.util
+
+            if importlib.util.find_spec("imageio_ffmpeg") is None:
+                raise UsageError("--video .mp4 needs the imageio-ffmpeg package "
+                                 "(pip install imageio-ffmpeg); or write a .gif")
+    if args.attention is not None and args.attention.suffix not in FIGURE_SUFFIXES:
+        raise UsageError(f"--attention must end in {', '.join(FIGURE_SUFFIXES)}, got "
+                         f"{str(args.attention)!r}")
+    for option, path in (("--json", args.json), ("--video", args.video),
+                         ("--attention", args.attention)):
+        if path is not None and path.is_dir():
+            raise UsageError(f"{option} {str(path)!r} is a directory; give a file name")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import yaml
+
+    from trxl_rl.checkpoint import (
+        CheckpointError,
+        agent_from_checkpoint,
+        check_spaces,
+        config_from_checkpoint,
+        load_checkpoint,
+    )
+    from trxl_rl.config import ConfigError
+    from trxl_rl.envs import UnknownEnvError, make_env
+    from trxl_rl.train import resolve_device
+
+    args = parse_args(argv)
+    try:
+        _check_outputs(args)
+        try:
+            extra_kwargs = yaml.safe_load(args.env_kwargs)
+        except yaml.YAMLError:
+            raise UsageError(f"cannot parse --env-kwargs {args.env_kwargs!r}") from None
+        if not isinstance(extra_kwargs, dict):
+            raise UsageError(f"--env-kwargs must be a YAML mapping, got {args.env_kwargs!r}")
+        checkpoint = load_checkpoint(args.checkpoint, map_location="cpu")
+        cfg = config_from_checkpoint(checkpoint)
+        device = resolve_device(args.device)
+        env_id = args.env or cfg.env.id
+        env_kwargs = {key: value for key, value in {**cfg.env.kwargs, **extra_kwargs}.items()
+                      if value is not None}
+        try:
+            env = make_env(env_id, **env_kwargs)
+        except (ValueError, TypeError) as err:
+            if isinstance(err, UnknownEnvError):
+                raise
+            reason = str(err).strip().splitlines()[0]
+            raise UsageError(f"cannot make env {env_id!r} with {env_kwargs} (the training "
+                             f"env's kwargs, changed by --env-kwargs): {reason}") from None
+        env.close()
+        check_spaces(checkpoint, env.observation_space, env.action_space, env_id)
+        if args.video is not None and "rgb_array" not in env.metadata.get("render_modes", []):
+            raise UsageError(f"env {env_id!r} cannot render rgb_array frames (render_modes "
+                             f"{env.metadata.get('render_modes', [])}), so --video is impossible")
+        agent = agent_from_checkpoint(checkpoint, device)
+        memory_length = cfg.model.memory_length if args.memory_length is None \
+            else args.memory_length
+        try:
+            agent.initial_state(1, memory_length=memory_length)
+        except ValueError as err:
+            raise UsageError(f"--memory-length {memory_length}: {err}") from None
+    except (UsageError, CheckpointError, ConfigError, UnknownEnvError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    seed = cfg.seed + EVAL_SEED_OFFSET if args.seed is None else args.seed
+    torch.manual_seed(seed)
+    results = run_episodes(agent, env_id, env_kwargs, args.episodes, seed, device,
+                           args.deterministic, args.num_envs, memory_length)
+    report = _json_safe({
+        "checkpoint": checkpoint["path"],
+        "update": checkpoint["counters"]["update"],
+        "global_step": checkpoint["counters"]["global_step"],
+        "env": env_id, "env_kwargs": env_kwargs, "seed": seed,
+        "deterministic": args.deterministic, "memory_length": memory_length,
+        **summarize(results),
+    })
+    print(format_table(report))
+    if args.json is not None:
+        _write_atomic(args.json, lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))
+        print(f"{'json':<14}{args.json}")
+
+    if args.video is not None:
+        video_env = make_env(env_id, render_mode="rgb_array", **env_kwargs)
+        frames: list[np.ndarray] = []
+        for episode in range(args.video_episodes):
+            play_episode(agent, video_env, seed + episode, device, args.deterministic,
+                         memory_length, on_step=lambda: frames.append(video_env.render()))
+        video_env.close()
+        write_video(frames, args.video)
+        episodes = f"{args.video_episodes} episode{'s' if args.video_episodes > 1 else ''}"
+        print(f"{'video':<14}{args.video} ({episodes}, {len(frames)} frames)")
+
+    if args.attention is not None:
+        attention_env = make_env(env_id, **env_kwargs)
+        heat, result = attention_map(agent, attention_env, seed, device, args.deterministic,
+                                     memory_length)
+        attention_env.close()
+        outcome = "" if math.isnan(result["success"]) else \
+            (", success" if result["success"] else ", failure")
+        title = (f"last-layer attention over memory, memory length {memory_length}\n"
+                 f"{env_id}, seed {seed}: return {result['return']:.2f}{outcome}")
+        plot_attention(heat, args.attention, title)
+        print(f"{'attention':<14}{args.attention} ({result['length']} steps)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
