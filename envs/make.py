@@ -9,7 +9,7 @@ import gymnasium as gym
 
 from .cue_recall import CUE_RECALL_ID
 from .minigrid_memory import MEMORY_MAX_STEPS, make_minigrid_memory
-from .wrappers import RecordSuccess, positive_final_reward
+from .wrappers import PreviousAction, RecordSuccess, positive_final_reward
 
 # Short names accepted by make_env (and the trainer's --env).
 ENV_ALIASES: dict[str, str] = {
@@ -38,8 +38,11 @@ def _unknown_env(env_id: str) -> UnknownEnvError:
     )
 
 
-def make_env(env_id: str, **kwargs: Any) -> gym.Env:
+def make_env(env_id: str, prev_action: bool = False, **kwargs: Any) -> gym.Env:
     """Build one environment.
+
+    With ``prev_action=True`` (any env with a Discrete action space) observations become
+    ``{"obs": ..., "prev_action": ...}``, see :class:`PreviousAction`.
 
     - MiniGrid-Memory ids (or the short name ``"MiniGrid-Memory"`` = S9): kwargs ``obs``,
       ``view_size``, ``max_steps``, ``full_actions``; see :mod:`trxl_rl.envs.minigrid_memory`.
@@ -54,7 +57,11 @@ def make_env(env_id: str, **kwargs: Any) -> gym.Env:
     :raises UnknownEnvError: the id is not known; the message suggests close ids.
     :raises ValueError: a MiniGrid-Memory or CueRecall argument is invalid (named).
     """
-    env_id = ENV_ALIASES.get(env_id, env_id)
+    env = _make(ENV_ALIASES.get(env_id, env_id), **kwargs)
+    return PreviousAction(env) if prev_action else env
+
+
+def _make(env_id: str, **kwargs: Any) -> gym.Env:
     if env_id in MEMORY_MAX_STEPS:
         return make_minigrid_memory(env_id, **kwargs)
     if env_id == CUE_RECALL_ID:

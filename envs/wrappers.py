@@ -78,3 +78,31 @@ class SymbolicView(gym.ObservationWrapper):
 
     def observation(self, observation: dict[str, Any]) -> np.ndarray:
         return observation["image"]
+
+
+class PreviousAction(gym.Wrapper):
+    """Add the action that led to each observation: ``Dict(obs=..., prev_action=...)``.
+
+    An agent cannot see its own actions, and in MiniGrid-Memory's hallway the 3x3 view facing
+    left is identical to the view facing right, so without them it cannot tell which way it
+    turned. ``prev_action`` is ``Discrete(n + 1)``: the previous action, or ``n`` ("none") on
+    the first observation of an episode. Only ``Discrete`` action spaces are supported.
+    """
+
+    def __init__(self, env: gym.Env) -> None:
+        super().__init__(env)
+        space = env.action_space
+        if not isinstance(space, spaces.Discrete):
+            raise ValueError(f"prev_action needs a Discrete action space, got {space}")
+        self._none = int(space.n)
+        self.observation_space = spaces.Dict(
+            {"obs": env.observation_space, "prev_action": spaces.Discrete(self._none + 1)})
+
+    def reset(self, **kwargs: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        obs, info = self.env.reset(**kwargs)
+        return {"obs": obs, "prev_action": self._none}, info
+
+    def step(self, action: Any) -> tuple[Any, SupportsFloat, bool, bool, dict[str, Any]]:
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        index = int(action) - int(self.env.action_space.start)
+        return {"obs": obs, "prev_action": index}, reward, terminated, truncated, info

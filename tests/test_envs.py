@@ -381,3 +381,16 @@ def test_make_vector_env_uses_same_step_autoreset() -> None:
     assert envs.metadata["autoreset_mode"] == gym.vector.AutoresetMode.SAME_STEP
     assert isinstance(envs, gym.wrappers.vector.RecordEpisodeStatistics)
     envs.close()
+
+
+def test_prev_action_observation_holds_the_action_that_led_to_it():
+    env = make_env("MiniGrid-MemoryS9-v0", prev_action=True)
+    assert env.observation_space["prev_action"] == gym.spaces.Discrete(4)
+    obs, _ = env.reset(seed=0)
+    assert obs["prev_action"] == 3  # "none" at an episode's first observation
+    assert env.observation_space["obs"].contains(obs["obs"])
+    for action in (1, 2, 0):
+        obs, *_ = env.step(action)
+        assert obs["prev_action"] == action
+    with pytest.raises(ValueError, match="Discrete"):
+        make_env("MountainCarContinuous-v0", prev_action=True)
