@@ -88,6 +88,7 @@ class TrainConfig:
     :param checkpoint_every: updates between checkpoints (one is always written at the end).
     :param eval_episodes: episodes of the final evaluation on seeds not used in training
         (0 disables it).
+    :param eval_deterministic: the final evaluation takes greedy actions (False: sampled).
     """
 
     env: EnvConfig = field(default_factory=EnvConfig)
@@ -101,6 +102,7 @@ class TrainConfig:
     log_dir: str = "runs"
     checkpoint_every: int = 25
     eval_episodes: int = 100
+    eval_deterministic: bool = True
     progress: bool = True
 
     def validate(self) -> TrainConfig:

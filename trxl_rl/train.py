@@ -251,8 +251,9 @@ def train(cfg: TrainConfig, on_update: Callable[[int, dict[str, float]], None] |
 
         agent.eval()
         results = run_episodes(agent, cfg.env.id, cfg.env.kwargs, cfg.eval_episodes,
-                               seed=cfg.seed + 1_000_000, device=device)
-        summary.update(summarize(results))
+                               seed=cfg.seed + 1_000_000, device=device,
+                               deterministic=cfg.eval_deterministic)
+        summary.update(summarize(results), eval_deterministic=cfg.eval_deterministic)
         writer.add_scalar("eval/success_rate", summary["success_rate"], global_step)
         writer.add_scalar("eval/episodic_return", summary["return_mean"], global_step)
     writer.close()
