@@ -192,13 +192,17 @@ def test_sigkill_while_saving_leaves_a_complete_checkpoint(tmp_path):
                              stdout=subprocess.PIPE, text=True, env={**os.environ, **ENV})
     try:
         assert child.stdout.readline().strip() == "0"
-        time.sleep(0.05)  # somewhere inside the next write (each takes ~100 ms)
+        while not list(tmp_path.glob(".*.tmp")):  # the next save has begun writing
+            time.sleep(0.001)
     finally:
         child.kill()
         child.wait()
     checkpoint = load_checkpoint(path)
     assert checkpoint["model"]["w"].shape == (4_000_000,)
     assert latest_checkpoint(tmp_path) == path  # a leftover temp file is never picked
+    save_checkpoint(tmp_path / "update_0000002.pt", checkpoint)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["update_0000001.pt",
+                                                          "update_0000002.pt"]
 
 
 # --- exact resume ----------------------------------------------------------------------------

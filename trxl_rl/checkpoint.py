@@ -76,10 +76,12 @@ def space_from_dict(data: dict) -> spaces.Space:
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     """Write ``payload`` (plus ``format_version``) atomically: temp file, fsync, rename.
 
-    A process killed while saving leaves the previous file at ``path`` untouched.
+    A process killed while saving leaves the previous file at ``path`` untouched (and, after
+    SIGKILL, a hidden ``.NAME.PID.tmp`` file, removed by the next save into that folder).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temp_files(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -95,6 +97,20 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     finally:
         os.close(dir_fd)
     return path
+
+
+def _remove_stale_temp_files(directory: Path) -> None:
+    """Delete temp files of saves whose process no longer runs."""
+    for tmp in directory.glob(".*.pt.*.tmp"):
+        pid = tmp.name.rsplit(".", 2)[-2]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except PermissionError:  # alive, another user's
+            pass
 
 
 REQUIRED_KEYS = ("format_version", "model", "config", "spaces", "counters")
