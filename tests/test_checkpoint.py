@@ -426,6 +426,13 @@ def test_resume_refuses_config_changes_that_would_alter_the_run(run_a, capsys, a
     assert_one_line_error(code, capsys.readouterr().err, needle)
 
 
+def test_train_help_documents_resume_and_signal_exit_codes(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--resume RUN" in text and "exit with 130/143" in text
+
+
 def test_load_agent_raises_checkpoint_error_for_bad_files(run_a, tmp_path):
     cases = bad_checkpoints(latest_checkpoint(run_a[0]), tmp_path)
     for path, needle in cases.values():

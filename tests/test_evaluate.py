@@ -193,6 +193,16 @@ def test_bad_input_is_one_line_exit_2_and_keeps_existing_output(trained, tmp_pat
     assert not (tmp_path / "pwned").exists()
 
 
+def test_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    for option in ("--env", "--env-kwargs", "--episodes", "--seed", "--deterministic",
+                   "--memory-length", "--num-envs", "--device", "--json", "--video",
+                   "--video-episodes", "--attention"):
+        assert option in text
+
+
 def test_bad_arguments_exit_2(trained):
     with pytest.raises(SystemExit) as exited:
         main([str(trained), "--episodes", "0"])
