@@ -39,7 +39,7 @@ from trxl_rl.rollout import obs_to_tensor, tree_map
 # Config keys that may change when a run is resumed: none of them changes what is learned,
 # except total_steps, which stretches the linear schedules from the resume point on.
 RESUME_OVERRIDABLE = ("total_steps", "device", "threads", "progress", "checkpoint_every",
-                      "eval_episodes")
+                      "eval_episodes", "eval_deterministic")
 
 
 def _plain(tree: Any) -> Any:

@@ -292,7 +292,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, An
                         help="continue the run in directory RUN (e.g. runs/<run>) from its "
                              "newest checkpoint, or from the checkpoint file RUN, with the "
                              "run's own config; only --total-steps, --device, --threads, "
-                             "--progress, --checkpoint_every and --eval_episodes may change. "
+                             "--progress, --checkpoint_every, --eval_episodes and "
+                             "--eval_deterministic may change. "
                              "SIGINT/SIGTERM during training save a checkpoint after the "
                              "current update and exit with 130/143")
     args, rest = parser.parse_known_args(argv)
