@@ -30,7 +30,6 @@ import platform
 import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 MINIGRID = {"preset": "MiniGrid-Memory"}
@@ -83,9 +82,15 @@ def measure(spec: dict, device: str, threads: int | None) -> dict:
     from trxl_rl.agents import action_dtype, action_shape
     from trxl_rl.config import build_config, preset_path, read_yaml
     from trxl_rl.envs import make_vector_env
-    from trxl_rl.ppo import ppo_update
-    from trxl_rl.rollout import Rollout, obs_to_tensor
-    from trxl_rl.train import EpisodeLog, collect, make_agent, resolve_device
+    from trxl_rl.rollout import Rollout
+    from trxl_rl.train import (
+        Carry,
+        EpisodeLog,
+        iteration,
+        make_agent,
+        make_optimizer,
+        resolve_device,
+    )
 
     if threads:
         torch.set_num_threads(threads)
@@ -93,59 +98,30 @@ def measure(spec: dict, device: str, threads: int | None) -> dict:
                        {**spec.get("overrides", {}), "device": device})
     dev = resolve_device(cfg.device)
     torch.manual_seed(0)
-    envs = make_vector_env(cfg.env.id, cfg.env.num_envs, cfg.env.vectorization,
+    envs = make_vector_env(cfg.env.id, cfg.env.num_envs, cfg.env.vectorization, replay=True,
                            **cfg.env.kwargs)
-    env_seconds = [0.0]
-    step = envs.step
-
-    def timed_step(actions):
-        t0 = time.perf_counter()
-        try:
-            return step(actions)
-        finally:
-            env_seconds[0] += time.perf_counter() - t0
-
-    envs.step = timed_step
     space, act = envs.single_observation_space, envs.single_action_space
     agent = make_agent(cfg, space, act).to(dev)
-    optimizer = torch.optim.AdamW(agent.parameters(), lr=cfg.ppo.learning_rate,
-                                  eps=cfg.ppo.adam_eps)
+    optimizer = make_optimizer(cfg, agent)
     b, t = cfg.env.num_envs, cfg.ppo.rollout_steps
     rollout = Rollout(t, b, space, action_shape(act), action_dtype(act), cfg.model.num_layers,
                       cfg.model.memory_length, cfg.model.dim, dev)
-    obs, _ = envs.reset(seed=0)
-    state = agent.initial_state(b)
-    start = torch.ones(b, dtype=torch.bool, device=dev)
+    carry = Carry(envs.reset(seed=0)[0], agent.initial_state(b),
+                  torch.ones(b, dtype=torch.bool, device=dev))
+    shuffle = torch.Generator().manual_seed(0)
     totals = {"env": 0.0, "inference": 0.0, "update": 0.0}
-    rss_trace = []
-    kl = []
-
-    def sync() -> None:
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-
+    rss_trace, kl = [], []
     for i in range(spec["updates"] + 1):
-        env_seconds[0] = 0.0
-        sync()
-        t0 = time.perf_counter()
-        agent.eval()
-        obs, state, start = collect(agent, envs, rollout, obs, state, start, dev, EpisodeLog())
-        rollout.compute_returns(agent.value(obs_to_tensor(obs, dev), state, start),
-                                cfg.ppo.gamma, cfg.ppo.gae_lambda)
-        sync()
-        t1 = time.perf_counter()
-        agent.train()
-        stats = ppo_update(agent, optimizer, rollout, cfg.ppo, cfg.ppo.entropy_coef)
-        sync()
-        t2 = time.perf_counter()
+        carry, stats = iteration(agent, optimizer, envs, rollout, carry, cfg.ppo,
+                                 cfg.ppo.entropy_coef, shuffle, EpisodeLog(), dev)
         kl.append(stats["losses/first_minibatch_approx_kl"])
         if spec.get("rss_trace"):
             rss_trace.append(round(current_rss_mib(), 1))
         if i == 0:
             continue  # warm-up
-        totals["env"] += env_seconds[0]
-        totals["inference"] += t1 - t0 - env_seconds[0]
-        totals["update"] += t2 - t1
+        totals["env"] += stats["charts/env_seconds"]
+        totals["inference"] += stats["charts/rollout_seconds"] - stats["charts/env_seconds"]
+        totals["update"] += stats["charts/update_seconds"]
     envs.close()
     seconds = sum(totals.values())
     steps = spec["updates"] * b * t

@@ -14,7 +14,7 @@ from trxl_rl.agents import action_dtype, action_shape
 from trxl_rl.config import build_config, preset_path, read_yaml
 from trxl_rl.envs import make_env, make_vector_env
 from trxl_rl.rollout import Rollout
-from trxl_rl.train import EpisodeLog, collect, main, make_agent, train
+from trxl_rl.train import Carry, EpisodeLog, collect, main, make_agent, train
 
 CPU = torch.device("cpu")
 
@@ -38,10 +38,9 @@ def collect_once(cfg, seed=0):
     rollout = Rollout(cfg.ppo.rollout_steps, cfg.env.num_envs, space, action_shape(act),
                       action_dtype(act), cfg.model.num_layers, cfg.model.memory_length,
                       cfg.model.dim)
-    obs, _ = envs.reset(seed=seed)
-    state = agent.initial_state(cfg.env.num_envs)
-    start = torch.ones(cfg.env.num_envs, dtype=torch.bool)
-    collect(agent, envs, rollout, obs, state, start, CPU, EpisodeLog())
+    carry = Carry(envs.reset(seed=seed)[0], agent.initial_state(cfg.env.num_envs),
+                  torch.ones(cfg.env.num_envs, dtype=torch.bool))
+    collect(agent, envs, rollout, carry, CPU, EpisodeLog())
     envs.close()
     return agent, rollout
 
@@ -128,18 +127,23 @@ def test_gae_bootstraps_truncation_and_stops_at_termination():
     assert torch.allclose(rollout.returns[:, 0], expected + rollout.values[:, 0])
 
 
-@pytest.mark.parametrize("segment_length,memory_length", [(1, 4), (8, 4), (1, 16), (8, 16)])
-def test_first_minibatch_approx_kl_is_zero_on_a_real_minigrid_run(segment_length,
-                                                                   memory_length):
+@pytest.mark.parametrize("segment_length,memory_length,encoding", [
+    (1, 4, "relative"), (8, 4, "relative"), (1, 16, "relative"), (8, 16, "relative"),
+    (8, 16, "absolute"), (8, 16, "learned")])
+def test_first_minibatch_approx_kl_is_zero_on_a_real_minigrid_run(tmp_path, segment_length,
+                                                                   memory_length, encoding):
     cfg = small_config(**{"ppo.segment_length": segment_length,
+                          "model.positional_encoding": encoding,
                           "model.memory_length": memory_length, "total_steps": 96,
                           "ppo.learning_rate": 0.01,
-                          "log_dir": "/tmp/trxl_rl_test_runs"})
+                          "log_dir": str(tmp_path)})
     seen = []
     train(cfg, on_update=lambda update, stats: seen.append(stats))
     assert len(seen) == 3  # memory is carried across rollouts and episodes end inside them
     for stats in seen:
         assert abs(stats["losses/first_minibatch_approx_kl"]) < 1e-6
+        assert stats["losses/first_minibatch_max_logprob_error"] <= 1e-5
+        assert stats["losses/first_minibatch_max_value_error"] <= 1e-5
         assert stats["losses/approx_kl"] > 1e-6  # later minibatches did move the policy
 
 
@@ -187,6 +191,7 @@ def test_cli_unknown_env_suggests_close_names_and_exits_2_without_traceback(tmp_
     (["--config", "/nonexistent.yaml"], "not found"),
     (["--env.kwargs.obs", "pixels"], "obs"),
     (["--ppo.epochs"], "cannot parse argument"),
+    (["--env", "MiniGrid-Memory", "--config", "/nonexistent.yaml"], "is a preset"),
 ])
 def test_cli_bad_config_is_one_line_and_exit_code_2(capsys, tmp_path, args, needle):
     code = main([*args, "--log_dir", str(tmp_path)])

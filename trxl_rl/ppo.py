@@ -21,14 +21,16 @@ def ppo_update(agent: nn.Module, optimizer: torch.optim.Optimizer, rollout: Roll
 
     Every minibatch recomputes its segments in parallel from the stored memory; before the
     first optimizer step this must reproduce the rollout exactly, which is logged as
-    ``losses/first_minibatch_approx_kl`` (~0).
+    ``losses/first_minibatch_approx_kl`` (~0), together with the largest absolute
+    differences of its log-probs and values (``losses/first_minibatch_max_logprob_error``,
+    ``losses/first_minibatch_max_value_error``; ~1e-6 in float32).
 
     :return: scalars keyed by their TensorBoard names.
     """
     clip = cfg.clip_coef
     sums: dict[str, float] = {}
     count = 0
-    first_kl = None
+    first: dict[str, float] = {}
     stop = False
     for _ in range(cfg.epochs):
         for mb in rollout.minibatches(cfg.segment_length, cfg.minibatches, generator):
@@ -38,8 +40,12 @@ def ppo_update(agent: nn.Module, optimizer: torch.optim.Optimizer, rollout: Roll
             with torch.no_grad():
                 approx_kl = ((ratio - 1) - log_ratio).mean()  # k3 estimator (Schulman 2020)
                 clipfrac = ((ratio - 1).abs() > clip).float().mean()
-            if first_kl is None:
-                first_kl = approx_kl.item()
+            if not first:
+                first = {
+                    "approx_kl": approx_kl.item(),
+                    "max_logprob_error": log_ratio.detach().abs().max().item(),
+                    "max_value_error": (out.value.detach() - mb.values).abs().max().item(),
+                }
 
             adv = mb.advantages
             if cfg.norm_advantages:
@@ -74,7 +80,7 @@ def ppo_update(agent: nn.Module, optimizer: torch.optim.Optimizer, rollout: Roll
     var = returns.var()
     explained = (1 - (returns - values).var() / var).item() if var > 0 else float("nan")
     stats = {f"losses/{key}": total / count for key, total in sums.items()}
-    stats["losses/first_minibatch_approx_kl"] = first_kl
+    stats.update({f"losses/first_minibatch_{key}": value for key, value in first.items()})
     stats["losses/explained_variance"] = explained
     stats["losses/minibatch_updates"] = float(count)
     return stats

@@ -14,16 +14,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import random
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import yaml
+from torch import Tensor
 
 from trxl_rl.checkpoint import (
     CheckpointError,
@@ -36,12 +38,14 @@ from trxl_rl.checkpoint import (
 from trxl_rl.config import (
     PRESETS,
     ConfigError,
+    PPOConfig,
     TrainConfig,
     build_config,
     config_to_dict,
     preset_path,
     read_yaml,
 )
+from trxl_rl.memory import MemoryState
 from trxl_rl.ppo import linear_schedule, ppo_update
 from trxl_rl.resume import (
     StopOnSignal,
@@ -94,20 +98,39 @@ class EpisodeLog:
         return out
 
 
-def collect(agent, envs, rollout: Rollout, obs, state, episode_start, device, episodes):
-    """Fill ``rollout`` with one rollout; returns the carried ``(obs, state, episode_start)``.
+class Carry(NamedTuple):
+    """What the rollout loop carries from one step (and rollout) to the next."""
+
+    obs: Any  # batched observation of the vector env (numpy)
+    state: MemoryState  # each env's memory
+    episode_start: Tensor  # [B] bool: the next step is the first of an episode
+
+
+def make_optimizer(cfg: TrainConfig, agent: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(agent.parameters(), lr=cfg.ppo.learning_rate,
+                             eps=cfg.ppo.adam_eps, weight_decay=cfg.ppo.weight_decay)
+
+
+def collect(agent, envs, rollout: Rollout, carry: Carry, device: torch.device,
+            episodes: EpisodeLog) -> tuple[Carry, float]:
+    """Fill ``rollout`` with one rollout; returns the new carry and the seconds spent in
+    ``envs.step``.
 
     Truncated episodes store V(final obs | that episode's memory) for bootstrapping.
     """
     from trxl_rl.envs import completed_episodes, final_observations
 
+    obs, state, episode_start = carry
+    env_seconds = 0.0
     rollout.start(state)
     for t in range(rollout.num_steps):
         obs_t = obs_to_tensor(obs, device)
         out = agent.act(obs_t, state, episode_start)
         rollout.add(t, obs_t, out.action, out.log_prob, out.value, episode_start, out.state)
         state = out.state
+        t0 = time.perf_counter()
         obs, reward, terminated, truncated, infos = envs.step(out.action.cpu().numpy())
+        env_seconds += time.perf_counter() - t0
 
         bootstrap = torch.zeros(rollout.num_envs, device=device)
         cut = truncated & ~terminated
@@ -122,7 +145,32 @@ def collect(agent, envs, rollout: Rollout, obs, state, episode_start, device, ep
                             done.float(), bootstrap)
         episode_start = done
         episodes.add(completed_episodes(infos))
-    return obs, state, episode_start
+    return Carry(obs, state, episode_start), env_seconds
+
+
+def iteration(agent, optimizer: torch.optim.Optimizer, envs, rollout: Rollout, carry: Carry,
+              ppo: PPOConfig, entropy_coef: float, shuffle: torch.Generator,
+              episodes: EpisodeLog, device: torch.device) -> tuple[Carry, dict[str, float]]:
+    """One training iteration: a rollout, GAE, then the PPO update. Returns the new carry and
+    the update's scalars plus ``charts/{env,rollout,update}_seconds``."""
+    def now() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    agent.eval()
+    t0 = now()
+    carry, env_seconds = collect(agent, envs, rollout, carry, device, episodes)
+    last_value = agent.value(obs_to_tensor(carry.obs, device), carry.state, carry.episode_start)
+    rollout.compute_returns(last_value, ppo.gamma, ppo.gae_lambda)
+    t1 = now()
+    agent.train()
+    stats = ppo_update(agent, optimizer, rollout, ppo, entropy_coef, shuffle)
+    t2 = now()
+    stats["charts/env_seconds"] = env_seconds
+    stats["charts/rollout_seconds"] = t1 - t0
+    stats["charts/update_seconds"] = t2 - t1
+    return carry, stats
 
 
 def train(cfg: TrainConfig, on_update: Callable[[int, dict[str, float]], None] | None = None,
@@ -149,9 +197,9 @@ def train(cfg: TrainConfig, on_update: Callable[[int, dict[str, float]], None] |
                            **cfg.env.kwargs)
     obs_space, act_space = envs.single_observation_space, envs.single_action_space
     agent = make_agent(cfg, obs_space, act_space).to(device)
-    optimizer = torch.optim.AdamW(agent.parameters(), lr=cfg.ppo.learning_rate,
-                                  eps=cfg.ppo.adam_eps, weight_decay=cfg.ppo.weight_decay)
-    run_name = cfg.run_name or f"{Path(cfg.env.id).name}__seed{cfg.seed}__{int(time.time())}"
+    optimizer = make_optimizer(cfg, agent)
+    run_name = cfg.run_name or (f"{Path(cfg.env.id).name}__seed{cfg.seed}__"
+                                f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
     run_dir = Path(cfg.log_dir) / run_name
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
@@ -204,24 +252,16 @@ def train(cfg: TrainConfig, on_update: Callable[[int, dict[str, float]], None] |
             entropy_coef = linear_schedule(cfg.ppo.entropy_coef, cfg.ppo.entropy_coef_final,
                                            progress)
 
-            agent.eval()
-            t0 = time.perf_counter()
-            obs, state, episode_start = collect(agent, envs, rollout, obs, state,
-                                                episode_start, device, episodes)
-            last_value = agent.value(obs_to_tensor(obs, device), state, episode_start)
-            rollout.compute_returns(last_value, cfg.ppo.gamma, cfg.ppo.gae_lambda)
-            t1 = time.perf_counter()
-            agent.train()
-            stats = ppo_update(agent, optimizer, rollout, cfg.ppo, entropy_coef, shuffle)
-            t2 = time.perf_counter()
+            carry, stats = iteration(agent, optimizer, envs, rollout,
+                                     Carry(obs, state, episode_start), cfg.ppo, entropy_coef,
+                                     shuffle, episodes, device)
+            obs, state, episode_start = carry
             global_step += b * t_steps
 
             stats.update(episodes.flush())
-            stats["charts/SPS"] = (global_step - start_step) / (t2 - start_time)
+            stats["charts/SPS"] = (global_step - start_step) / (time.perf_counter() - start_time)
             stats["charts/learning_rate"] = lr
             stats["charts/entropy_coef"] = entropy_coef
-            stats["charts/rollout_seconds"] = t1 - t0
-            stats["charts/update_seconds"] = t2 - t1
             for key, value in stats.items():
                 writer.add_scalar(key, value, global_step)
             if on_update is not None:
@@ -247,11 +287,11 @@ def train(cfg: TrainConfig, on_update: Callable[[int, dict[str, float]], None] |
     summary: dict[str, Any] = {"global_step": global_step,
                                "train_seconds": time.perf_counter() - start_time}
     if cfg.eval_episodes > 0:
-        from trxl_rl.evaluate import run_episodes, summarize
+        from trxl_rl.evaluate import EVAL_SEED_OFFSET, run_episodes, summarize
 
         agent.eval()
         results = run_episodes(agent, cfg.env.id, cfg.env.kwargs, cfg.eval_episodes,
-                               seed=cfg.seed + 1_000_000, device=device,
+                               seed=cfg.seed + EVAL_SEED_OFFSET, device=device,
                                deterministic=cfg.eval_deterministic)
         summary.update(summarize(results), eval_deterministic=cfg.eval_deterministic)
         writer.add_scalar("eval/success_rate", summary["success_rate"], global_step)
@@ -327,6 +367,9 @@ def resolve_config(args: argparse.Namespace, overrides: dict[str, Any]) -> Train
     base: dict[str, Any] = {}
     env = args.env
     if args.config:
+        if env is not None and preset_path(env) is not None:
+            raise ConfigError(f"--env {env} is a preset and --config {args.config} a config "
+                              "file: give one of them (or --env with a gymnasium id)")
         base = read_yaml(args.config)
     elif env is None or preset_path(env) is not None:
         base = read_yaml(preset_path(env or "MiniGrid-Memory"))
@@ -350,15 +393,17 @@ def main(argv: list[str] | None = None) -> int:
             cfg = resume_config(resume, overrides)
         else:
             cfg = resolve_config(args, overrides)
-        env = make_env(cfg.env.id, **cfg.env.kwargs)  # fail on a bad env before writing
+        try:
+            env = make_env(cfg.env.id, **cfg.env.kwargs)  # fail on a bad env before writing
+        except UnknownEnvError:
+            raise
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"bad env.kwargs for {cfg.env.id!r}: {err}") from None
         env.close()
         if resume is not None:
             check_spaces(resume, env.observation_space, env.action_space, cfg.env.id)
     except (ConfigError, UnknownEnvError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    except (ValueError, TypeError) as err:
-        print(f"error: bad env.kwargs for {cfg.env.id!r}: {err}", file=sys.stderr)
         return 2
     try:
         summary = train(cfg, resume=resume)
