@@ -132,21 +132,35 @@ class TrainConfig:
                 f"ppo.minibatches ({ppo.minibatches}) must divide the number of segments per "
                 f"update, env.num_envs * ppo.rollout_steps / ppo.segment_length = {chunks}"
             )
-        if model.dim % model.num_heads:
-            raise ConfigError(
-                f"model.dim ({model.dim}) must be divisible by model.num_heads "
-                f"({model.num_heads})"
-            )
+        try:  # the encoder's own checks (heads divide dim, known encoding and norm, ...)
+            from trxl_rl.memory import TrXLConfig
+
+            TrXLConfig(input_dim=1, **{k: v for k, v in dataclasses.asdict(model).items()
+                                       if k != "encoder_dim"})
+        except ValueError as err:
+            raise ConfigError(f"model.{err}") from None
         choices = {
             "device": (self.device, ("auto", "cpu", "cuda")),
             "env.vectorization": (self.env.vectorization, ("sync", "async")),
-            "model.positional_encoding": (model.positional_encoding,
-                                          ("relative", "absolute", "learned", "none")),
-            "model.norm": (model.norm, ("pre", "post")),
         }
         for name, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        optional_positive = {
+            "threads": self.threads, "model.encoder_dim": model.encoder_dim,
+            "ppo.target_kl": ppo.target_kl, "ppo.clip_coef": ppo.clip_coef,
+            "ppo.max_grad_norm": ppo.max_grad_norm, "ppo.adam_eps": ppo.adam_eps,
+        }
+        for name, value in optional_positive.items():
+            if value is not None and value <= 0:
+                raise ConfigError(f"{name} must be > 0, got {value}")
+        non_negative = {
+            "eval_episodes": self.eval_episodes, "ppo.value_coef": ppo.value_coef,
+            "ppo.entropy_coef": ppo.entropy_coef, "ppo.weight_decay": ppo.weight_decay,
+        }
+        for name, value in non_negative.items():
+            if value < 0:
+                raise ConfigError(f"{name} must be >= 0, got {value}")
         for name in ("gamma", "gae_lambda"):
             if not 0.0 <= getattr(ppo, name) <= 1.0:
                 raise ConfigError(f"ppo.{name} must be in [0, 1], got {getattr(ppo, name)}")
@@ -236,7 +250,7 @@ def build_config(base: dict | None = None, overrides: dict | None = None) -> Tra
         nested: dict = {leaf: value}
         for parent in reversed(parents):
             nested = {parent: nested}
-        if parents[:2] == ["env", "kwargs"] and len(parents) >= 2:
+        if parents[:2] == ["env", "kwargs"]:
             cfg.env.kwargs = _deep_update(cfg.env.kwargs, nested["env"]["kwargs"])
             continue
         _merge(cfg, nested)

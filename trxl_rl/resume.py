@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from trxl_rl.checkpoint import CheckpointError, config_from_checkpoint, rng_state, set_rng_state
-from trxl_rl.config import ConfigError, TrainConfig
+from trxl_rl.config import ConfigError, TrainConfig, build_config, config_to_dict
 from trxl_rl.memory import MemoryState
 from trxl_rl.rollout import obs_to_tensor, tree_map
 
@@ -148,9 +148,7 @@ def resume_config(checkpoint: dict, overrides: dict[str, Any]) -> TrainConfig:
             f"--resume continues a run with the config it was started with; it cannot change "
             f"{', '.join(refused)} (allowed: {', '.join(RESUME_OVERRIDABLE)})"
         )
-    cfg = config_from_checkpoint(checkpoint)
-    for key, value in overrides.items():
-        setattr(cfg, key, value)
+    cfg = build_config(config_to_dict(config_from_checkpoint(checkpoint)), overrides)
     run_dir = run_dir_of(checkpoint["path"])
     cfg.log_dir, cfg.run_name = str(run_dir.parent), run_dir.name
     return cfg.validate()
