@@ -19,6 +19,7 @@ This module imports torch and the standard library only.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, replace
 
@@ -40,6 +41,7 @@ def _count_optimizer_step(optimizer, args, kwargs) -> None:
 
 
 register_optimizer_step_post_hook(_count_optimizer_step)
+_instances = itertools.count()
 NORMS = ("pre", "post")
 
 
@@ -294,6 +296,7 @@ class TransformerXL(nn.Module):
     def __init__(self, config: TrXLConfig) -> None:
         super().__init__()
         self.config = config
+        self._instance = next(_instances)  # part of the cache tag: caches never cross models
         self.input_proj = nn.Linear(config.input_dim, config.dim)
         self.layers = nn.ModuleList(TrXLLayer(config) for _ in range(config.num_layers))
         self.final_norm = nn.LayerNorm(config.dim) if config.norm == "pre" else nn.Identity()
@@ -343,9 +346,12 @@ class TransformerXL(nn.Module):
 
     def weights_tag(self) -> tuple:
         """Changes whenever a torch optimizer steps or any parameter is replaced or modified in
-        place (``load_state_dict``, ``.to()``, manual edits), so that caches built with older
-        weights are detected and rebuilt."""
-        return (_optimizer_steps, *((p.data_ptr(), p._version) for p in self.parameters()))
+        place through autograd-visible ops (``load_state_dict``, ``.to()``, ``p.copy_()`` under
+        ``torch.no_grad()``), so that caches built with older weights are rebuilt. Edits through
+        ``p.data`` bypass version counters: after those, start from a fresh ``initial_state``
+        or pass states with ``use_cache=False``."""
+        return (self._instance, _optimizer_steps,
+                *((p.data_ptr(), p._version) for p in self.parameters()))
 
     def _distance_table(self, memory_length: int, like: Tensor) -> Tensor | None:
         """``[M + 1, D]`` encodings of query-key distances 0..M, or None without one."""
@@ -411,7 +417,9 @@ class TransformerXL(nn.Module):
         tag = self.weights_tag() if state.use_cache else None
         cached = (state.keys is not None and state.cache_tag == tag
                   and not torch.is_grad_enabled())
-        memory = state.hidden.detach().to(h.dtype)  # stop-gradient: [B, L, M, D]
+        # Keys and values are made from the layer inputs as the memory stores them (e.g. rounded
+        # to bfloat16), so the cache, a later segment and a minibatch recompute agree.
+        storage = state.hidden.dtype
         table = None if cached else self._distance_table(m, h)
         layer_inputs, keys_out, values_out, pos_out = [], [], [], []
         for i, layer in enumerate(self.layers):
@@ -420,16 +428,18 @@ class TransformerXL(nn.Module):
                 mem_k, mem_v = state.keys[i], state.values[i]
                 pos_keys = state.pos_keys[i] if state.pos_keys is not None else None
             else:
-                mem_k, mem_v = layer.project_kv(memory[:, i])
+                memory = state.hidden[:, i].detach().to(h.dtype)  # stop-gradient: [B, M, D]
+                mem_k, mem_v = layer.project_kv(memory)
                 pos_keys = layer.project_positions(table) if table is not None else None
-            seg_k, seg_v = layer.project_kv(h)
+            seg_k, seg_v = layer.project_kv(h if storage == h.dtype else h.to(storage).to(h.dtype))
             keys = torch.cat([mem_k, seg_k], 2)  # [B, H, M + N, Dh]
             values = torch.cat([mem_v, seg_v], 2)
             h = layer(h, keys, values, visible, pos_keys, distance)
-            keys_out.append(keys.narrow(2, n, m).detach())
-            values_out.append(values.narrow(2, n, m).detach())
-            if pos_keys is not None:
-                pos_out.append(pos_keys.detach())
+            if state.use_cache:
+                keys_out.append(keys.narrow(2, n, m).detach())
+                values_out.append(values.narrow(2, n, m).detach())
+                if pos_keys is not None:
+                    pos_out.append(pos_keys.detach())
         y = self.final_norm(h)
 
         new_inputs = torch.stack(layer_inputs, 1).detach().to(state.hidden.dtype)  # [B,L,N,D]
