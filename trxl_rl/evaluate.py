@@ -108,26 +108,20 @@ def attention_weights(layer: nn.Module, h: Tensor, keys: Tensor, values: Tensor,
                       visible: Tensor, pos_keys: Tensor | None, distance: Tensor) -> Tensor:
     """The attention probabilities a :class:`trxl_rl.memory.TrXLLayer` uses, from its inputs.
 
-    ``F.scaled_dot_product_attention`` inside the layer does not return them, so this repeats
-    the layer's score computation: ``softmax(((q + u) . k_j + (q + v) . r_{i-j}) / sqrt(Dh))``
-    over the visible keys (the relative terms only for relative/learned encodings).
+    ``F.scaled_dot_product_attention`` inside the layer does not return them, so this applies
+    the softmax to the same query and mask the layer gives it
+    (:meth:`~trxl_rl.memory.TrXLLayer.attention_inputs`).
 
     :param h: layer input ``[B, N, D]``; the other arguments are those of ``layer.forward``:
         keys/values ``[B, H, M + N, Dh]``, visible ``[B, 1, N, M + N]``, pos_keys
         ``[M + 1, H, Dh]`` or None, distance ``[N, M + N]``.
     :return: ``[B, H, N, M + N]``, zero where a key is not visible.
     """
-    heads, head_dim = layer.num_heads, layer.head_dim
-    q = layer.query(layer.norm_attn(h) if layer.pre_norm else h)  # [B, N, D]
-    q = q.unflatten(-1, (heads, head_dim)).transpose(1, 2)  # [B, H, N, Dh]
-    scale = 1.0 / math.sqrt(head_dim)
-    if pos_keys is None:
-        scores = q @ keys.transpose(-1, -2) * scale  # [B, H, N, M + N]
-    else:
-        by_distance = torch.einsum("bhnd,khd->bhnk", q + layer.position_bias[:, None], pos_keys)
-        bias = by_distance.gather(-1, distance.expand(*by_distance.shape[:2], -1, -1))
-        scores = (q + layer.content_bias[:, None]) @ keys.transpose(-1, -2) * scale + bias * scale
-    return scores.masked_fill(~visible, float("-inf")).softmax(-1)
+    query, mask = layer.attention_inputs(h, visible, pos_keys, distance)
+    scores = query @ keys.transpose(-1, -2) / math.sqrt(layer.head_dim)  # [B, H, N, M + N]
+    if mask.dtype == torch.bool:
+        return scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    return (scores + mask).softmax(-1)
 
 
 class AttentionRecorder:

@@ -255,6 +255,25 @@ class TrXLLayer(nn.Module):
             out = x + y
         return out if self.pre_norm else norm(out)
 
+    def attention_inputs(self, h: Tensor, visible: Tensor, pos_keys: Tensor | None,
+                         distance: Tensor) -> tuple[Tensor, Tensor]:
+        """Query and mask for ``scaled_dot_product_attention(query, keys, values, mask)``.
+
+        Transformer-XL scores are ``((q + u).k_j + (q + v).r_{i-j}) / sqrt(Dh)``: the query is
+        ``q + u`` and the position term an additive bias, -inf where a key is not visible.
+        Without a distance table the query is ``q`` and the mask is ``visible`` itself.
+
+        :return: query ``[B, H, N, Dh]``; bool ``[B, 1, N, M + N]`` or float
+            ``[B, H, N, M + N]`` mask.
+        """
+        q = self._heads(self.query(self.norm_attn(h) if self.pre_norm else h))  # [B, H, N, Dh]
+        if pos_keys is None:
+            return q, visible
+        by_distance = torch.einsum("bhnd,khd->bhnk", q + self.position_bias[:, None], pos_keys)
+        bias = by_distance.gather(-1, distance.expand(*by_distance.shape[:2], -1, -1))
+        bias = (bias / math.sqrt(self.head_dim)).masked_fill(~visible, float("-inf"))
+        return q + self.content_bias[:, None], bias
+
     def forward(self, h: Tensor, keys: Tensor, values: Tensor, visible: Tensor,
                 pos_keys: Tensor | None, distance: Tensor) -> Tensor:
         """One block over a segment.
@@ -266,17 +285,8 @@ class TrXLLayer(nn.Module):
         :param distance: ``[N, M + N]`` int64 query-key distance clamped to 0..M.
         :return: layer output ``[B, N, D]``.
         """
-        q = self._heads(self.query(self.norm_attn(h) if self.pre_norm else h))  # [B, H, N, Dh]
-        scale = 1.0 / math.sqrt(self.head_dim)
-        if pos_keys is None:
-            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible)
-        else:
-            # Transformer-XL: (q + u).k_j + (q + v).r_{i-j}, both scaled by 1/sqrt(Dh).
-            by_distance = torch.einsum("bhnd,khd->bhnk", q + self.position_bias[:, None], pos_keys)
-            bias = by_distance.gather(-1, distance.expand(*by_distance.shape[:2], -1, -1))
-            bias = (bias * scale).masked_fill(~visible, float("-inf"))  # [B, H, N, M + N]
-            attn = F.scaled_dot_product_attention(q + self.content_bias[:, None], keys, values,
-                                                  attn_mask=bias)
+        query, mask = self.attention_inputs(h, visible, pos_keys, distance)
+        attn = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask)
         y = self.out(attn.transpose(1, 2).flatten(2))  # [B, N, D]
         h = self._residual(0, h, y, self.norm_attn)
         y = self.ff(self.norm_ff(h) if self.pre_norm else h)
