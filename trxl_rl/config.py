@@ -51,6 +51,8 @@ class ModelConfig:
     positional_encoding: str = "relative"
     gating: bool = False
     norm: str = "pre"
+    ff_dim: int | None = None
+    gate_bias: float = 2.0
 
 
 @dataclass

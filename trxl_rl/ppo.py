@@ -28,7 +28,7 @@ def ppo_update(agent: nn.Module, optimizer: torch.optim.Optimizer, rollout: Roll
     :return: scalars keyed by their TensorBoard names.
     """
     clip = cfg.clip_coef
-    sums: dict[str, float] = {}
+    sums: dict[str, torch.Tensor] = {}  # summed on the device: one host sync per update
     count = 0
     first: dict[str, float] = {}
     stop = False
@@ -68,7 +68,7 @@ def ppo_update(agent: nn.Module, optimizer: torch.optim.Optimizer, rollout: Roll
             for key, value in (("policy_loss", pg_loss), ("value_loss", value_loss),
                                ("entropy", entropy), ("approx_kl", approx_kl),
                                ("clipfrac", clipfrac), ("grad_norm", grad_norm)):
-                sums[key] = sums.get(key, 0.0) + value.item()
+                sums[key] = sums.get(key, 0.0) + value.detach()
             count += 1
             if cfg.target_kl is not None and approx_kl.item() > cfg.target_kl:
                 stop = True
@@ -79,7 +79,7 @@ def ppo_update(agent: nn.Module, optimizer: torch.optim.Optimizer, rollout: Roll
     values, returns = rollout.values.flatten(), rollout.returns.flatten()
     var = returns.var()
     explained = (1 - (returns - values).var() / var).item() if var > 0 else float("nan")
-    stats = {f"losses/{key}": total / count for key, total in sums.items()}
+    stats = {f"losses/{key}": total.item() / count for key, total in sums.items()}
     stats.update({f"losses/first_minibatch_{key}": value for key, value in first.items()})
     stats["losses/explained_variance"] = explained
     stats["losses/minibatch_updates"] = float(count)
