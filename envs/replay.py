@@ -57,7 +57,8 @@ class EpisodeReplay(gym.Wrapper):
         super().__init__(env)
         self.base_seed: int | None = None
         self.episode = 0
-        self._actions: list[np.ndarray] = []
+        self._actions = self._empty_actions(16)  # grows by doubling: 8 bytes a step for
+        self._count = 0  # a Discrete action, the only per-step cost of exact resume
         # Set per env through VectorEnv.set_attr, then applied by restore_pending().
         self.pending_replay_state: dict[str, Any] | None = None
 
@@ -70,21 +71,26 @@ class EpisodeReplay(gym.Wrapper):
             self.episode = 0
         else:
             self.episode += 1
-        self._actions = []
+        self._count = 0
         return self.env.reset(seed=episode_seed(self.base_seed, self.episode), options=options)
 
     def step(self, action: Any) -> tuple[Any, SupportsFloat, bool, bool, dict[str, Any]]:
         out = self.env.step(action)
-        self._actions.append(np.array(action, copy=True))
+        if self._count == len(self._actions):
+            self._actions = np.concatenate([self._actions, self._empty_actions(self._count)])
+        self._actions[self._count] = action
+        self._count += 1
         return out
+
+    def _empty_actions(self, n: int) -> np.ndarray:
+        space = self.action_space
+        return np.zeros((n, *(space.shape or ())), dtype=space.dtype)
 
     def replay_state(self) -> dict[str, Any]:
         """``{"base_seed": int, "episode": int, "actions": array [n, *action_shape]}``."""
         if self.base_seed is None:
             raise ReplayError("the env was never reset, so it has no state to save")
-        space = self.action_space
-        actions = np.stack(self._actions) if self._actions else \
-            np.zeros((0, *(space.shape or ())), dtype=space.dtype)
+        actions = self._actions[: self._count].copy()
         return {"base_seed": self.base_seed, "episode": self.episode, "actions": actions}
 
     def restore(self, state: dict[str, Any]) -> Any:
@@ -94,7 +100,7 @@ class EpisodeReplay(gym.Wrapper):
         """
         self.base_seed, self.episode = int(state["base_seed"]), int(state["episode"])
         obs, _ = self.env.reset(seed=episode_seed(self.base_seed, self.episode))
-        self._actions = []
+        self._count = 0
         actions = np.asarray(state["actions"])
         for i, action in enumerate(actions):
             obs, _, terminated, truncated, _ = self.step(action[()] if action.ndim == 0
