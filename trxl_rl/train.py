@@ -38,6 +38,8 @@ from trxl_rl.checkpoint import (
 from trxl_rl.config import (
     PRESETS,
     ConfigError,
+    EnvConfig,
+    ModelConfig,
     PPOConfig,
     TrainConfig,
     build_config,
@@ -304,9 +306,9 @@ def train(cfg: TrainConfig, on_update: Callable[[int, dict[str, float]], None] |
 OVERRIDE_HELP = "\n".join(
     f"  --{name} VALUE" for name in sorted(
         f"{prefix}{f.name}"
-        for prefix, obj in (("env.", "EnvConfig"), ("model.", "ModelConfig"),
-                            ("ppo.", "PPOConfig"), ("", "TrainConfig"))
-        for f in dataclasses.fields(getattr(sys.modules["trxl_rl.config"], obj))
+        for prefix, section in (("env.", EnvConfig), ("model.", ModelConfig),
+                                ("ppo.", PPOConfig), ("", TrainConfig))
+        for f in dataclasses.fields(section)
         if f.name not in ("env", "model", "ppo")
     )
 )
