@@ -104,26 +104,6 @@ def summarize(results: dict[str, np.ndarray]) -> dict[str, Any]:
 
 # --- attention -------------------------------------------------------------------------------
 
-def attention_weights(layer: nn.Module, h: Tensor, keys: Tensor, values: Tensor,
-                      visible: Tensor, pos_keys: Tensor | None, distance: Tensor) -> Tensor:
-    """The attention probabilities a :class:`trxl_rl.memory.TrXLLayer` uses, from its inputs.
-
-    ``F.scaled_dot_product_attention`` inside the layer does not return them, so this applies
-    the softmax to the same query and mask the layer gives it
-    (:meth:`~trxl_rl.memory.TrXLLayer.attention_inputs`).
-
-    :param h: layer input ``[B, N, D]``; the other arguments are those of ``layer.forward``:
-        keys/values ``[B, H, M + N, Dh]``, visible ``[B, 1, N, M + N]``, pos_keys
-        ``[M + 1, H, Dh]`` or None, distance ``[N, M + N]``.
-    :return: ``[B, H, N, M + N]``, zero where a key is not visible.
-    """
-    query, mask = layer.attention_inputs(h, visible, pos_keys, distance)
-    scores = query @ keys.transpose(-1, -2) / math.sqrt(layer.head_dim)  # [B, H, N, M + N]
-    if mask.dtype == torch.bool:
-        return scores.masked_fill(~mask, float("-inf")).softmax(-1)
-    return (scores + mask).softmax(-1)
-
-
 class AttentionRecorder:
     """Record a layer's attention probabilities at every call (a forward pre-hook).
 
@@ -142,9 +122,11 @@ class AttentionRecorder:
         self._handle = None
 
     def _hook(self, module: nn.Module, args: tuple) -> None:
+        h, keys, _values, visible, pos_keys, distance = args  # TrXLLayer.forward's inputs
         with torch.no_grad():
-            self.weights.append(attention_weights(module, *args).cpu())
-        self.visible.append(args[3].cpu())
+            self.weights.append(module.attention_weights(h, keys, visible, pos_keys,
+                                                         distance).cpu())
+        self.visible.append(visible.cpu())
 
     def __enter__(self) -> AttentionRecorder:
         self._handle = self.layer.register_forward_pre_hook(self._hook)

@@ -255,24 +255,30 @@ class TrXLLayer(nn.Module):
             out = x + y
         return out if self.pre_norm else norm(out)
 
-    def attention_inputs(self, h: Tensor, visible: Tensor, pos_keys: Tensor | None,
-                         distance: Tensor) -> tuple[Tensor, Tensor]:
-        """Query and mask for ``scaled_dot_product_attention(query, keys, values, mask)``.
+    def attention_weights(self, h: Tensor, keys: Tensor, visible: Tensor,
+                          pos_keys: Tensor | None, distance: Tensor) -> Tensor:
+        """The attention probabilities of the block's queries over ``keys``.
 
-        Transformer-XL scores are ``((q + u).k_j + (q + v).r_{i-j}) / sqrt(Dh)``: the query is
-        ``q + u`` and the position term an additive bias, -inf where a key is not visible.
-        Without a distance table the query is ``q`` and the mask is ``visible`` itself.
+        Transformer-XL scores are ``((q + u).k_j + (q + v).r_{i-j}) / sqrt(Dh)`` with a
+        distance table (relative and learned encodings), ``q.k_j / sqrt(Dh)`` without one.
+        The softmax is written out rather than left to ``scaled_dot_product_attention``: with a
+        bias that needs gradients torch falls back to the same ops there, plus checks that cost
+        ~30% of the attention's time on CPU; and the attention heat map of ``evaluate`` reads
+        these weights directly. Every query sees at least itself, so no row is all -inf.
 
-        :return: query ``[B, H, N, Dh]``; bool ``[B, 1, N, M + N]`` or float
-            ``[B, H, N, M + N]`` mask.
+        :param h: layer input ``[B, N, D]``; the other arguments are those of :meth:`forward`.
+        :return: ``[B, H, N, M + N]``, zero where a key is not visible.
         """
         q = self._heads(self.query(self.norm_attn(h) if self.pre_norm else h))  # [B, H, N, Dh]
         if pos_keys is None:
-            return q, visible
-        by_distance = torch.einsum("bhnd,khd->bhnk", q + self.position_bias[:, None], pos_keys)
-        bias = by_distance.gather(-1, distance.expand(*by_distance.shape[:2], -1, -1))
-        bias = (bias / math.sqrt(self.head_dim)).masked_fill(~visible, float("-inf"))
-        return q + self.content_bias[:, None], bias
+            scores = q @ keys.transpose(-1, -2)
+        else:
+            by_distance = torch.einsum("bhnd,khd->bhnk", q + self.position_bias[:, None],
+                                       pos_keys)  # [B, H, N, M + 1]
+            position = by_distance.gather(-1, distance.expand(*by_distance.shape[:2], -1, -1))
+            scores = (q + self.content_bias[:, None]) @ keys.transpose(-1, -2) + position
+        scores = (scores / math.sqrt(self.head_dim)).masked_fill(~visible, float("-inf"))
+        return scores.softmax(-1)
 
     def forward(self, h: Tensor, keys: Tensor, values: Tensor, visible: Tensor,
                 pos_keys: Tensor | None, distance: Tensor) -> Tensor:
@@ -285,8 +291,7 @@ class TrXLLayer(nn.Module):
         :param distance: ``[N, M + N]`` int64 query-key distance clamped to 0..M.
         :return: layer output ``[B, N, D]``.
         """
-        query, mask = self.attention_inputs(h, visible, pos_keys, distance)
-        attn = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask)
+        attn = self.attention_weights(h, keys, visible, pos_keys, distance) @ values
         y = self.out(attn.transpose(1, 2).flatten(2))  # [B, N, D]
         h = self._residual(0, h, y, self.norm_attn)
         y = self.ff(self.norm_ff(h) if self.pre_norm else h)
