@@ -12,9 +12,12 @@ collection, GAE, PPO update), after one warm-up iteration that is not counted:
 - SPS: environment steps per second of whole iterations (rollout + update);
 - env / inference / update: the share of that time spent in ``envs.step``, in the rest of
   the rollout (agent inference, storage, bootstrap values) and in the PPO update;
+- vs: SPS as a ratio to another row of the same run (the row a variant or a scaling row
+  changes one thing from);
 - peak RSS of the process; on CUDA also ``torch.cuda.max_memory_allocated``.
 
-Rows: (a) the MiniGrid-Memory preset; (b) the published-pixel configuration (84x84 RGB,
+Rows: (a) the MiniGrid-Memory preset, then the same with 16 epochs and with the larger
+2 x 128 model; (b) the published-pixel configuration (84x84 RGB,
 Nature CNN, 2 x 256, 4 heads, M=64, 16 envs x 256 steps, 3 epochs x 8 minibatches);
 (c) a long memory (M=256, 3 layers x 384, 32 envs x 512 steps, CueRecall with 2,001-step
 episodes); then scaling in M (16 -> 1024) and in episode length (100 -> 10,000 steps), and an
@@ -34,41 +37,42 @@ from pathlib import Path
 
 MINIGRID = {"preset": "MiniGrid-Memory"}
 CUE = {"env.id": "trxl_rl/CueRecall-v0", "model.encoder_dim": 64}
-# Scaling rows change one thing at a time from the preset with 4 PPO epochs (the preset's 16
-# would only make them slower: the update's cost is linear in the number of epochs).
-FOUR_EPOCHS = {"ppo.epochs": 4}
 
 
 def rows(quick: bool) -> list[dict]:
-    """The benchmark rows: name, preset, overrides and number of timed updates."""
+    """The benchmark rows: name, preset, overrides, number of timed updates, and the row whose
+    SPS this one is compared with (``base``, as a ratio in the table)."""
     n = 1 if quick else 3
     out = [
-        {"name": "a", "what": "MiniGrid-Memory preset (symbolic, 16 epochs)", **MINIGRID,
-         "updates": n},
-        {"name": "a4", "what": "the same with 4 epochs", **MINIGRID, "updates": n,
-         "overrides": FOUR_EPOCHS},
+        {"name": "a", "what": "MiniGrid-Memory preset (symbolic, 1 x 64, 8 epochs x 16 mb)",
+         **MINIGRID, "updates": n},
+        {"name": "a16", "what": "the same with 16 epochs x 8 minibatches", **MINIGRID,
+         "updates": n, "base": "a", "overrides": {"ppo.epochs": 16, "ppo.minibatches": 8}},
+        {"name": "a2x128", "what": "the same with 2 layers x 128, encoder 256", **MINIGRID,
+         "updates": n, "base": "a", "overrides": {"model.num_layers": 2, "model.dim": 128,
+                                                  "model.encoder_dim": 256}},
         {"name": "b", "what": "published-pixel config (84x84 RGB)", "preset":
          "MiniGrid-Memory-RGB", "updates": 1},
-        {"name": "c", "what": "long memory: M=256, 3x384, 32x512, 2,001-step episodes",
+        {"name": "c", "what": "long memory: M=256, 3x384, 32x512, 2,001-step episodes, 4 epochs",
          "preset": "MiniGrid-Memory", "updates": 1, "overrides": {
-             **CUE, **FOUR_EPOCHS, "env.kwargs": {"delay": 2000}, "env.num_envs": 32,
+             **CUE, "env.kwargs": {"delay": 2000}, "env.num_envs": 32,
              "model.memory_length": 256, "model.num_layers": 3, "model.dim": 384,
              "model.num_heads": 6, "ppo.rollout_steps": 512, "ppo.segment_length": 64,
-             "ppo.minibatches": 8}},
+             "ppo.epochs": 4, "ppo.minibatches": 8}},
     ]
+    # Scaling: one thing changed at a time from the preset.
     for m in (16, 64, 256) + (() if quick else (1024,)):
-        out.append({"name": f"M{m}", "what": f"4-epoch preset, memory_length {m}", **MINIGRID,
-                    "updates": 1, "overrides": {**FOUR_EPOCHS, "model.memory_length": m}})
+        out.append({"name": f"M{m}", "what": f"preset, memory_length {m}", **MINIGRID,
+                    "updates": 1, "base": "M64", "overrides": {"model.memory_length": m}})
     for delay in (99, 999, 9999):
         out.append({"name": f"ep{delay + 1}", "what": f"CueRecall, {delay + 1}-step episodes",
-                    **MINIGRID, "updates": 1,
-                    "overrides": {**CUE, **FOUR_EPOCHS, "env.kwargs": {"delay": delay}}})
+                    **MINIGRID, "updates": 1, "base": "ep100",
+                    "overrides": {**CUE, "env.kwargs": {"delay": delay}}})
     # One env, 4,096-step rollouts: 25 iterations = 102,400 steps of a single episode.
     out.append({"name": "endless", "what": "CueRecall, 1 env, no episode end in 100k steps",
                 **MINIGRID, "updates": 3 if quick else 24, "rss_trace": True,
-                "overrides": {**CUE, **FOUR_EPOCHS, "env.kwargs": {"delay": 10_000_000},
-                              "env.num_envs": 1,
-                              "ppo.rollout_steps": 4096, "ppo.minibatches": 8}})
+                "overrides": {**CUE, "env.kwargs": {"delay": 10_000_000},
+                              "env.num_envs": 1, "ppo.rollout_steps": 4096}})
     return out
 
 
@@ -165,17 +169,21 @@ def machine(device: str, threads: int | None) -> str:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| row | configuration | SPS | env / inference / update | peak RSS MiB | "
+    lines = ["| row | configuration | SPS | vs | env / inference / update | peak RSS MiB | "
              "CUDA max alloc MiB | first-minibatch KL |",
-             "|---|---|--:|---|--:|--:|--:|"]
+             "|---|---|--:|--:|---|--:|--:|--:|"]
+    sps = {r["name"]: r["sps"] for r in results if "sps" in r}
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['name']} | {r['what']} | failed: {r['error']} | | | | |")
+            lines.append(f"| {r['name']} | {r['what']} | failed: {r['error']} | | | | | |")
             continue
         share = r["share"]
         cuda = f"{r['cuda_max_allocated_mib']:,.0f}" if "cuda_max_allocated_mib" in r else "-"
+        base = r.get("base")
+        ratio = f"{r['sps'] / sps[base]:.2f}x {base}" if base in sps and base != r["name"] \
+            else ""
         lines.append(
-            f"| {r['name']} | {r['what']} | {r['sps']:,.0f} | {share['env']:.0%} / "
+            f"| {r['name']} | {r['what']} | {r['sps']:,.0f} | {ratio} | {share['env']:.0%} / "
             f"{share['inference']:.0%} / {share['update']:.0%} | {r['peak_rss_mib']:,.0f} | "
             f"{cuda} | {r['max_abs_first_minibatch_kl']:.1e} |")
     for r in results:
@@ -216,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
             result = {"error": tail[:120]}
         else:
             result = json.loads(proc.stdout.strip().splitlines()[-1])
-        results.append({"name": spec["name"], "what": spec["what"], **result})
+        results.append({"name": spec["name"], "what": spec["what"], "base": spec.get("base"),
+                        **result})
         print(f"{spec['name']}: {json.dumps(result)}", file=sys.stderr, flush=True)
     header = f"Machine: {machine(args.device, args.threads)}\n"
     print(header)

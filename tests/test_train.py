@@ -186,7 +186,7 @@ def test_cli_unknown_env_suggests_close_names_and_exits_2_without_traceback(tmp_
     (["--ppo.learning_rat", "1e-3"], "unknown config key 'ppo.learning_rat'"),
     (["--ppo.epochs", "two"], "ppo.epochs must be int"),
     (["--ppo.segment_length", "48"], "must divide ppo.rollout_steps"),
-    (["--model.num_heads", "3"], "model.dim (128) must be divisible by num_heads"),
+    (["--model.num_heads", "3"], "model.dim (64) must be divisible by num_heads"),
     (["--model.memory_length", "-1"], "model.memory_length must be >= 0"),
     (["--config", "/nonexistent.yaml"], "not found"),
     (["--env.kwargs.obs", "pixels"], "obs"),

@@ -84,7 +84,8 @@ class PPOConfig:
 class TrainConfig:
     """Everything a training run needs.
 
-    :param total_steps: environment steps (all envs together) to train for.
+    :param total_steps: the budget of environment steps (all envs together): training runs
+        as many whole rollouts as fit in it (at least one).
     :param device: ``auto`` (cuda if available), ``cpu`` or ``cuda``.
     :param threads: torch CPU threads (None: torch's default).
     :param checkpoint_every: updates between checkpoints (one is always written at the end).

@@ -219,7 +219,7 @@ def train(cfg: TrainConfig, on_update: Callable[[int, dict[str, float]], None] |
     b, t_steps = cfg.env.num_envs, cfg.ppo.rollout_steps
     rollout = Rollout(t_steps, b, obs_space, action_shape(act_space), action_dtype(act_space),
                       cfg.model.num_layers, cfg.model.memory_length, cfg.model.dim, device)
-    num_updates = -(-cfg.total_steps // (b * t_steps))
+    num_updates = max(1, cfg.total_steps // (b * t_steps))  # whole rollouts within the budget
     shuffle = torch.Generator().manual_seed(cfg.seed)
 
     obs, _ = envs.reset(seed=cfg.seed)
