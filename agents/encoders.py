@@ -57,8 +57,12 @@ class GridEmbeddingEncoder(ObservationEncoder):
     """Symbolic grid ``[B, H, W, C]`` (integers) -> ``[B, out_dim]``.
 
     Every channel has its own vocabulary (MiniGrid: object type, colour, door state), so each
-    channel ``c`` gets its own ``nn.Embedding`` with ``high_c + 1`` rows; the embeddings of all
-    cells and channels are concatenated, flattened and projected by Linear + ReLU.
+    channel ``c`` gets its own ``nn.Embedding`` with ``high_c + 1`` rows. A cell's features are
+    its channels' embeddings, concatenated. The output is ReLU of two linear maps added: one of
+    all cells' features flattened (what is where: walls ahead, the way out) and one of their
+    maximum over cells (what is in view, wherever it is). The second lets an object seen in
+    one place of the view be recognised in any other: in MiniGrid-Memory the cue is seen at a
+    different place for every way the agent can turn back to look at it.
 
     Values are not range-checked in ``forward`` (it runs every environment step): a value
     above ``high_c`` raises an ``IndexError`` from ``nn.Embedding`` on CPU and a device-side
@@ -78,17 +82,20 @@ class GridEmbeddingEncoder(ObservationEncoder):
             nn.Embedding(int(high) + 1, embed_dim) for high in channel_high
         )
         self.linear = nn.Linear(height * width * channels * embed_dim, out_dim)
+        self.pooled = nn.Linear(channels * embed_dim, out_dim, bias=False)
         _orthogonal_init(self.linear)
+        nn.init.orthogonal_(self.pooled.weight, math.sqrt(2))
         self.output_dim = out_dim
 
     def forward(self, obs: Tensor) -> Tensor:
         """:param obs: ``[B, H, W, C]`` integers. :return: ``[B, out_dim]``."""
         obs = obs.long()
         # (B, H, W, C * embed_dim)
-        embedded = torch.cat(
+        cells = torch.cat(
             [embedding(obs[..., c]) for c, embedding in enumerate(self.embeddings)], dim=-1
         )
-        return torch.relu(self.linear(embedded.flatten(1)))
+        in_view = cells.flatten(1, 2).amax(1)  # (B, C * embed_dim)
+        return torch.relu(self.linear(cells.flatten(1)) + self.pooled(in_view))
 
 
 class NatureCNNEncoder(ObservationEncoder):

@@ -16,7 +16,7 @@ collection, GAE, PPO update), after one warm-up iteration that is not counted:
   changes one thing from);
 - peak RSS of the process; on CUDA also ``torch.cuda.max_memory_allocated``.
 
-Rows: (a) the MiniGrid-Memory preset, then the same with 16 epochs and with the larger
+Rows: (a) the MiniGrid-Memory preset, then the same with 8 epochs and with the larger
 2 x 128 model; (b) the published-pixel configuration (84x84 RGB,
 Nature CNN, 2 x 256, 4 heads, M=64, 16 envs x 256 steps, 3 epochs x 8 minibatches);
 (c) a long memory (M=256, 3 layers x 384, 32 envs x 512 steps, CueRecall with 2,001-step
@@ -44,10 +44,10 @@ def rows(quick: bool) -> list[dict]:
     SPS this one is compared with (``base``, as a ratio in the table)."""
     n = 1 if quick else 3
     out = [
-        {"name": "a", "what": "MiniGrid-Memory preset (symbolic, 1 x 64, 8 epochs x 16 mb)",
+        {"name": "a", "what": "MiniGrid-Memory preset (symbolic, 1 x 64, 16 epochs x 8 mb)",
          **MINIGRID, "updates": n},
-        {"name": "a16", "what": "the same with 16 epochs x 8 minibatches", **MINIGRID,
-         "updates": n, "base": "a", "overrides": {"ppo.epochs": 16, "ppo.minibatches": 8}},
+        {"name": "a8", "what": "the same with 8 epochs x 16 minibatches", **MINIGRID,
+         "updates": n, "base": "a", "overrides": {"ppo.epochs": 8, "ppo.minibatches": 16}},
         {"name": "a2x128", "what": "the same with 2 layers x 128, encoder 256", **MINIGRID,
          "updates": n, "base": "a", "overrides": {"model.num_layers": 2, "model.dim": 128,
                                                   "model.encoder_dim": 256}},

@@ -78,6 +78,26 @@ def test_grid_encoder_accepts_the_highest_declared_value_of_every_channel():
     assert make_encoder(SYMBOLIC_GRID)(obs).shape == (1, 256)
 
 
+def test_grid_encoder_recognises_an_object_wherever_it_is_in_view():
+    """The max-over-cells term: with the flattened (what-is-where) map zeroed, a key in one
+    corner of an empty view and a key in the opposite corner give equal features, a ball does
+    not; with the flattened map (the default), where the key is also matters."""
+    torch.manual_seed(0)
+    encoder = make_encoder(SYMBOLIC_GRID, out_dim=16)
+    empty = torch.zeros(1, 3, 3, 3, dtype=torch.uint8)
+    empty[..., 0] = 1  # MiniGrid: object type 1 = empty cell
+    key_here, key_there, ball = empty.clone(), empty.clone(), empty.clone()
+    key_here[0, 0, 0] = torch.tensor([5, 1, 0])  # key, green
+    key_there[0, 2, 2] = torch.tensor([5, 1, 0])
+    ball[0, 2, 2] = torch.tensor([6, 1, 0])
+    assert not torch.allclose(encoder(key_here), encoder(key_there))
+    with torch.no_grad():
+        encoder.linear.weight.zero_()
+        encoder.linear.bias.zero_()
+    torch.testing.assert_close(encoder(key_here), encoder(key_there))
+    assert not torch.allclose(encoder(key_there), encoder(ball))
+
+
 def test_image_encoder_is_the_nature_cnn_and_takes_uint8_hwc():
     encoder = make_encoder(IMAGE)
     convs = [m for m in encoder.modules() if isinstance(m, torch.nn.Conv2d)]
