@@ -16,9 +16,11 @@ collection, GAE, PPO update), after one warm-up iteration that is not counted:
   changes one thing from);
 - peak RSS of the process; on CUDA also ``torch.cuda.max_memory_allocated``.
 
-Rows: (a) the MiniGrid-Memory preset, then the same with 8 epochs and with the larger
-2 x 128 model; (b) the published-pixel configuration (84x84 RGB,
-Nature CNN, 2 x 256, 4 heads, M=64, 16 envs x 256 steps, 3 epochs x 8 minibatches);
+Rows: ``env``, the preset's vector env alone with random actions (the ceiling for a trainer
+that steps its envs in its own process, and a gauge of how fast the host is at the moment:
+on a shared host every row moves with it); (a) the MiniGrid-Memory preset, then the same
+with 16 epochs and with the larger 2 x 128 model; (b) the published-pixel configuration
+(84x84 RGB, Nature CNN, 2 x 256, 4 heads, M=64, 16 envs x 256 steps, 3 epochs x 8 minibatches);
 (c) a long memory (M=256, 3 layers x 384, 32 envs x 512 steps, CueRecall with 2,001-step
 episodes); then scaling in M (16 -> 1024) and in episode length (100 -> 10,000 steps), and an
 endless episode (100,000 steps, no episode end) whose RSS is sampled after every update.
@@ -44,10 +46,12 @@ def rows(quick: bool) -> list[dict]:
     SPS this one is compared with (``base``, as a ratio in the table)."""
     n = 1 if quick else 3
     out = [
-        {"name": "a", "what": "MiniGrid-Memory preset (symbolic, 1 x 64, 16 epochs x 8 mb)",
+        {"name": "env", "what": "the preset's 16 envs alone, random actions (the ceiling)",
+         **MINIGRID, "env_only": True, "updates": 10 if quick else 40},
+        {"name": "a", "what": "MiniGrid-Memory preset (symbolic, 1 x 64, 8 epochs x 8 mb)",
          **MINIGRID, "updates": n},
-        {"name": "a8", "what": "the same with 8 epochs x 16 minibatches", **MINIGRID,
-         "updates": n, "base": "a", "overrides": {"ppo.epochs": 8, "ppo.minibatches": 16}},
+        {"name": "a16", "what": "the same with 16 epochs", **MINIGRID, "updates": n,
+         "base": "a", "overrides": {"ppo.epochs": 16}},
         {"name": "a2x128", "what": "the same with 2 layers x 128, encoder 256", **MINIGRID,
          "updates": n, "base": "a", "overrides": {"model.num_layers": 2, "model.dim": 128,
                                                   "model.encoder_dim": 256}},
@@ -107,6 +111,8 @@ def measure(spec: dict, device: str, threads: int | None) -> dict:
         torch.set_num_threads(threads)
     cfg = build_config(read_yaml(preset_path(spec["preset"])),
                        {**spec.get("overrides", {}), "device": device})
+    if spec.get("env_only"):
+        return measure_envs(cfg, spec["updates"])
     dev = resolve_device(cfg.device)
     torch.manual_seed(0)
     envs = make_vector_env(cfg.env.id, cfg.env.num_envs, cfg.env.vectorization, replay=True,
@@ -151,6 +157,28 @@ def measure(spec: dict, device: str, threads: int | None) -> dict:
     return result
 
 
+def measure_envs(cfg, rollouts: int) -> dict:
+    """SPS of the configuration's vector env alone with random actions: the trainer's ceiling
+    on this machine at this moment (it scales with how busy the host is, as the rows do)."""
+    import time
+
+    from trxl_rl.envs import make_vector_env
+
+    envs = make_vector_env(cfg.env.id, cfg.env.num_envs, cfg.env.vectorization,
+                           **cfg.env.kwargs)
+    envs.reset(seed=0)
+    envs.action_space.seed(0)
+    steps = rollouts * cfg.ppo.rollout_steps
+    start = time.perf_counter()
+    for _ in range(steps):
+        envs.step(envs.action_space.sample())
+    seconds = time.perf_counter() - start
+    envs.close()
+    return {"sps": steps * cfg.env.num_envs / seconds,
+            "share": {"env": 1.0, "inference": 0.0, "update": 0.0},
+            "peak_rss_mib": peak_rss_mib(), "steps_timed": steps * cfg.env.num_envs}
+
+
 def machine(device: str, threads: int | None) -> str:
     import torch
 
@@ -179,13 +207,15 @@ def table(results: list[dict]) -> str:
             continue
         share = r["share"]
         cuda = f"{r['cuda_max_allocated_mib']:,.0f}" if "cuda_max_allocated_mib" in r else "-"
+        kl = f"{r['max_abs_first_minibatch_kl']:.1e}" if "max_abs_first_minibatch_kl" in r \
+            else "-"
         base = r.get("base")
         ratio = f"{r['sps'] / sps[base]:.2f}x {base}" if base in sps and base != r["name"] \
             else ""
         lines.append(
             f"| {r['name']} | {r['what']} | {r['sps']:,.0f} | {ratio} | {share['env']:.0%} / "
             f"{share['inference']:.0%} / {share['update']:.0%} | {r['peak_rss_mib']:,.0f} | "
-            f"{cuda} | {r['max_abs_first_minibatch_kl']:.1e} |")
+            f"{cuda} | {kl} |")
     for r in results:
         if "rss_trace_mib" in r:
             trace = r["rss_trace_mib"]
