@@ -48,12 +48,14 @@ class TrXLAgent(nn.Module):
     :param action_space: a single env's action space (Discrete or MultiDiscrete).
     :param memory: the :class:`trxl_rl.TrXLConfig` fields except ``input_dim``.
     :param encoder_dim: encoder output size (None: the encoder's default).
+    :param encoder_dedupe: image encoders encode each distinct image of a batch once.
     """
 
     def __init__(self, observation_space: spaces.Space, action_space: spaces.Space,
-                 memory: dict, encoder_dim: int | None = None) -> None:
+                 memory: dict, encoder_dim: int | None = None,
+                 encoder_dedupe: bool = True) -> None:
         super().__init__()
-        self.encoder = make_encoder(observation_space, encoder_dim)
+        self.encoder = make_encoder(observation_space, encoder_dim, encoder_dedupe)
         self.memory = TransformerXL(TrXLConfig(input_dim=self.encoder.output_dim, **memory))
         dim = self.memory.output_dim
         self.policy_body = nn.Sequential(nn.Linear(dim, dim), nn.ReLU())

@@ -20,7 +20,8 @@ Rows: ``env``, the preset's vector env alone with random actions (the ceiling fo
 that steps its envs in its own process, and a gauge of how fast the host is at the moment:
 on a shared host every row moves with it); (a) the MiniGrid-Memory preset, then the same
 with 16 epochs and with the larger 2 x 128 model; (b) the published-pixel configuration
-(84x84 RGB, Nature CNN, 2 x 256, 4 heads, M=64, 16 envs x 256 steps, 3 epochs x 8 minibatches);
+(84x84 RGB, Nature CNN, 2 x 256, 4 heads, M=64, 16 envs x 256 steps, 3 epochs x 8 minibatches),
+then the same with the CNN run on every image rather than once per distinct image;
 (c) a long memory (M=256, 3 layers x 384, 32 envs x 512 steps, CueRecall with 2,001-step
 episodes); then scaling in M (16 -> 1024) and in episode length (100 -> 10,000 steps), and an
 endless episode (100,000 steps, no episode end) whose RSS is sampled after every update.
@@ -57,6 +58,9 @@ def rows(quick: bool) -> list[dict]:
                                                   "model.encoder_dim": 256}},
         {"name": "b", "what": "published-pixel config (84x84 RGB)", "preset":
          "MiniGrid-Memory-RGB", "updates": 1},
+        {"name": "b-nodedupe", "what": "the same, CNN on every image (no dedupe)", "preset":
+         "MiniGrid-Memory-RGB", "updates": 1, "base": "b",
+         "overrides": {"model.encoder_dedupe": False}},
         {"name": "c", "what": "long memory: M=256, 3x384, 32x512, 2,001-step episodes, 4 epochs",
          "preset": "MiniGrid-Memory", "updates": 1, "overrides": {
              **CUE, "env.kwargs": {"delay": 2000}, "env.num_envs": 32,

@@ -20,6 +20,7 @@ from trxl_rl.agents.encoders import (
     GridEmbeddingEncoder,
     MLPEncoder,
     NatureCNNEncoder,
+    distinct_rows,
     make_encoder,
 )
 
@@ -109,6 +110,47 @@ def test_image_encoder_is_the_nature_cnn_and_takes_uint8_hwc():
     assert obs.dtype == torch.uint8
     # Scaling by 1/255 happens inside: a float copy of the same pixels gives the same features.
     torch.testing.assert_close(encoder(obs), encoder(obs.float()))
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype"),
+    [((84, 84, 3), torch.uint8), ((3, 5, 1), torch.uint8), ((3,), torch.int16),
+     ((2, 2), torch.int64), ((4,), torch.float32)],
+    ids=["image", "15-bytes", "6-bytes", "int64", "float"],
+)
+def test_distinct_rows_merges_exactly_the_identical_entries(shape, dtype):
+    generator = torch.Generator().manual_seed(0)
+    pool = torch.randint(0, 100, (5, *shape), generator=generator).to(dtype)
+    pool[1] = pool[0]
+    pool[1].view(-1)[-1] += 1  # differs from entry 0 in its last element only
+    batch = pool[torch.tensor([0, 1, 2, 0, 3, 2, 0, 4, 1])]
+    distinct, inverse = distinct_rows(batch)
+    assert len(distinct) == 5 and distinct.dtype == dtype and inverse.shape == (9,)
+    assert torch.equal(distinct[inverse], batch)
+
+
+def test_image_encoder_with_dedupe_computes_the_full_batch_on_distinct_images():
+    from trxl_rl.envs import make_env
+
+    env = make_env("MiniGrid-MemoryS9-v0", obs="rgb")
+    obs, _ = env.reset(seed=0)
+    frames = [obs]
+    for action in [0, 0, 2, 1, 1, 2, 2, 0, 0, 1, 2, 2]:  # turn round, walk into the corridor
+        obs, *_ = env.step(action)
+        frames.append(obs)
+    images = torch.as_tensor(np.stack(frames + frames[::2]))  # [19, 84, 84, 3], repeats
+    deduped = NatureCNNEncoder(env.observation_space, out_dim=32)
+    full = NatureCNNEncoder(env.observation_space, out_dim=32, dedupe=False)
+    full.load_state_dict(deduped.state_dict())
+    cnn_batch_sizes = []
+    deduped.cnn.register_forward_hook(lambda m, inputs, out: cnn_batch_sizes.append(len(out)))
+    weights = torch.randn(len(images), 32)
+    for encoder in (deduped, full):
+        (encoder(images) * weights).sum().backward()
+    assert cnn_batch_sizes == [len(distinct_rows(images)[0])] and cnn_batch_sizes[0] < 12
+    torch.testing.assert_close(deduped(images), full(images))
+    for (name, a), b in zip(deduped.named_parameters(), full.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
 
 
 def test_discrete_observation_is_one_hot_encoded_from_its_start():

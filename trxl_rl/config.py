@@ -41,9 +41,12 @@ class ModelConfig:
     """Agent = observation encoder -> Transformer-XL memory -> policy and value heads.
 
     :param encoder_dim: encoder output size (None: the encoder's default).
+    :param encoder_dedupe: image encoders run their CNN once per distinct image of a batch
+        (exact; a large saving for rendered grid worlds, see ``NatureCNNEncoder``).
     The other fields are those of :class:`trxl_rl.TrXLConfig`."""
 
     encoder_dim: int | None = None
+    encoder_dedupe: bool = True
     dim: int = 128
     num_layers: int = 2
     num_heads: int = 4
@@ -53,6 +56,10 @@ class ModelConfig:
     norm: str = "pre"
     ff_dim: int | None = None
     gate_bias: float = 2.0
+
+    def memory_fields(self) -> dict:
+        """The fields that configure the Transformer-XL (all but the encoder's)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if not k.startswith("encoder_")}
 
 
 @dataclass
@@ -138,8 +145,7 @@ class TrainConfig:
         try:  # the encoder's own checks (heads divide dim, known encoding and norm, ...)
             from trxl_rl.memory import TrXLConfig
 
-            TrXLConfig(input_dim=1, **{k: v for k, v in dataclasses.asdict(model).items()
-                                       if k != "encoder_dim"})
+            TrXLConfig(input_dim=1, **model.memory_fields())
         except ValueError as err:
             raise ConfigError(f"model.{err}") from None
         choices = {

@@ -72,8 +72,9 @@ def make_agent(cfg: TrainConfig, observation_space, action_space):
     """The agent described by ``cfg.model`` for the given single-env spaces."""
     from trxl_rl.agents import TrXLAgent
 
-    memory = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k != "encoder_dim"}
-    return TrXLAgent(observation_space, action_space, memory, cfg.model.encoder_dim)
+    model = cfg.model
+    return TrXLAgent(observation_space, action_space, model.memory_fields(), model.encoder_dim,
+                     model.encoder_dedupe)
 
 
 class EpisodeLog:
