@@ -57,8 +57,9 @@ class GridEmbeddingEncoder(ObservationEncoder):
     """Symbolic grid ``[B, H, W, C]`` (integers) -> ``[B, out_dim]``.
 
     Every channel has its own vocabulary (MiniGrid: object type, colour, door state), so each
-    channel ``c`` gets its own ``nn.Embedding`` with ``high_c + 1`` rows. A cell's features are
-    its channels' embeddings, concatenated. The output is ReLU of two linear maps added: one of
+    channel ``c`` gets its own ``high_c + 1`` embedding rows (one table holds them all, channel
+    ``c``'s from row ``offsets[c]``). A cell's features are its channels' embeddings,
+    concatenated. The output is ReLU of two linear maps added: one of
     all cells' features flattened (what is where: walls ahead, the way out) and one of their
     maximum over cells (what is in view, wherever it is). The second lets an object seen in
     one place of the view be recognised in any other: in MiniGrid-Memory the cue is seen at a
@@ -78,9 +79,12 @@ class GridEmbeddingEncoder(ObservationEncoder):
         height, width, channels = space.shape
         # Highest value of each channel over all cells: (C,)
         channel_high = np.asarray(space.high).reshape(-1, channels).max(axis=0)
-        self.embeddings = nn.ModuleList(
-            nn.Embedding(int(high) + 1, embed_dim) for high in channel_high
-        )
+        # One table holding every channel's rows, channel c from offsets[c]: one lookup (and
+        # one backward) per call instead of one per channel.
+        sizes = [int(high) + 1 for high in channel_high]
+        self.embedding = nn.Embedding(sum(sizes), embed_dim)
+        self.register_buffer("offsets", torch.tensor(np.cumsum([0] + sizes[:-1])),
+                             persistent=False)
         self.linear = nn.Linear(height * width * channels * embed_dim, out_dim)
         self.pooled = nn.Linear(channels * embed_dim, out_dim, bias=False)
         _orthogonal_init(self.linear)
@@ -89,11 +93,7 @@ class GridEmbeddingEncoder(ObservationEncoder):
 
     def forward(self, obs: Tensor) -> Tensor:
         """:param obs: ``[B, H, W, C]`` integers. :return: ``[B, out_dim]``."""
-        obs = obs.long()
-        # (B, H, W, C * embed_dim)
-        cells = torch.cat(
-            [embedding(obs[..., c]) for c, embedding in enumerate(self.embeddings)], dim=-1
-        )
+        cells = self.embedding(obs.long() + self.offsets).flatten(-2)  # (B, H, W, C * embed)
         in_view = cells.flatten(1, 2).amax(1)  # (B, C * embed_dim)
         return torch.relu(self.linear(cells.flatten(1)) + self.pooled(in_view))
 
@@ -101,19 +101,21 @@ class GridEmbeddingEncoder(ObservationEncoder):
 def distinct_rows(batch: Tensor) -> tuple[Tensor, Tensor]:
     """The distinct entries of a batch, exactly: ``batch == distinct[inverse]``.
 
-    Entries are compared byte for byte (as the widest integer type their size allows, which
-    makes the sort ~4x faster than bytes), so two entries are merged only when identical.
+    Entries are compared byte for byte, as rows of int64 (zero-padded to a multiple of 8
+    bytes; ~4x faster to sort than bytes), so two entries are merged only when identical.
 
     :param batch: ``[B, ...]``, any dtype.
-    :return: ``distinct`` ``[U, ...]`` (U <= B, sorted) and ``inverse`` ``[B]`` int64.
+    :return: ``distinct`` ``[U, ...]`` (U <= B, sorted by their bytes) and ``inverse``
+        ``[B]`` int64.
     """
-    rows = batch.reshape(len(batch), -1).contiguous()
-    row_bytes = rows.shape[1] * rows.element_size()
-    width = next(w for w in (8, 4, 2, 1) if row_bytes % w == 0)
-    as_int = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}[width]
-    keys = rows.view(torch.uint8).view(as_int) if rows.dtype != as_int else rows
-    distinct, inverse = torch.unique(keys, dim=0, return_inverse=True)
-    return distinct.view(rows.dtype).view(-1, *batch.shape[1:]), inverse
+    row_bytes = batch[0].numel() * batch.element_size()
+    as_bytes = batch.reshape(len(batch), -1).contiguous().view(torch.uint8)  # [B, row_bytes]
+    padding = -row_bytes % 8
+    if padding:
+        as_bytes = torch.nn.functional.pad(as_bytes, (0, padding))
+    keys, inverse = torch.unique(as_bytes.view(torch.int64), dim=0, return_inverse=True)
+    distinct = keys.view(torch.uint8)[:, :row_bytes].contiguous().view(batch.dtype)
+    return distinct.view(-1, *batch.shape[1:]), inverse
 
 
 class NatureCNNEncoder(ObservationEncoder):

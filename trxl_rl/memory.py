@@ -269,16 +269,18 @@ class TrXLLayer(nn.Module):
         :param h: layer input ``[B, N, D]``; the other arguments are those of :meth:`forward`.
         :return: ``[B, H, N, M + N]``, zero where a key is not visible.
         """
-        q = self._heads(self.query(self.norm_attn(h) if self.pre_norm else h))  # [B, H, N, Dh]
+        # 1/sqrt(Dh) is applied to the queries (and biases), [B, H, N, Dh], rather than to the
+        # scores, [B, H, N, M + N]: the same scores for a fraction of the work.
+        scale = self.head_dim ** -0.5
+        q = self._heads(self.query(self.norm_attn(h) if self.pre_norm else h)) * scale
         if pos_keys is None:
             scores = q @ keys.transpose(-1, -2)
         else:
-            by_distance = torch.einsum("bhnd,khd->bhnk", q + self.position_bias[:, None],
+            by_distance = torch.einsum("bhnd,khd->bhnk", q + scale * self.position_bias[:, None],
                                        pos_keys)  # [B, H, N, M + 1]
             position = by_distance.gather(-1, distance.expand(*by_distance.shape[:2], -1, -1))
-            scores = (q + self.content_bias[:, None]) @ keys.transpose(-1, -2) + position
-        scores = (scores / math.sqrt(self.head_dim)).masked_fill(~visible, float("-inf"))
-        return scores.softmax(-1)
+            scores = (q + scale * self.content_bias[:, None]) @ keys.transpose(-1, -2) + position
+        return scores.masked_fill(~visible, float("-inf")).softmax(-1)
 
     def forward(self, h: Tensor, keys: Tensor, values: Tensor, visible: Tensor,
                 pos_keys: Tensor | None, distance: Tensor) -> Tensor:
