@@ -59,15 +59,15 @@ class GridEmbeddingEncoder(ObservationEncoder):
     Every channel has its own vocabulary (MiniGrid: object type, colour, door state), so each
     channel ``c`` gets its own ``high_c + 1`` embedding rows (one table holds them all, channel
     ``c``'s from row ``offsets[c]``). A cell's features are its channels' embeddings,
-    concatenated. The output is ReLU of two linear maps added: one of
-    all cells' features flattened (what is where: walls ahead, the way out) and one of their
-    maximum over cells (what is in view, wherever it is). The second lets an object seen in
+    concatenated. The output is ReLU of two linear maps added: one of all cells' features
+    flattened (what is where: walls ahead, the way out) and one of their maximum over cells
+    (what is in view, wherever it is). The second lets an object seen in
     one place of the view be recognised in any other: in MiniGrid-Memory the cue is seen at a
     different place for every way the agent can turn back to look at it.
 
-    Values are not range-checked in ``forward`` (it runs every environment step): a value
-    above ``high_c`` raises an ``IndexError`` from ``nn.Embedding`` on CPU and a device-side
-    assert on CUDA, so the observation space must declare the true per-channel ``high``.
+    ``forward`` raises ``ValueError`` for a value outside ``0..high_c`` (in the shared table it
+    would silently read another channel's rows), so the observation space must declare the
+    true per-channel ``high``.
 
     :param space: ``Box`` of shape ``(H, W, C)`` with integer dtype and ``low >= 0``.
     :param out_dim: feature size.
@@ -85,6 +85,7 @@ class GridEmbeddingEncoder(ObservationEncoder):
         self.embedding = nn.Embedding(sum(sizes), embed_dim)
         self.register_buffer("offsets", torch.tensor(np.cumsum([0] + sizes[:-1])),
                              persistent=False)
+        self.register_buffer("high", torch.tensor(sizes) - 1, persistent=False)
         self.linear = nn.Linear(height * width * channels * embed_dim, out_dim)
         self.pooled = nn.Linear(channels * embed_dim, out_dim, bias=False)
         _orthogonal_init(self.linear)
@@ -93,7 +94,14 @@ class GridEmbeddingEncoder(ObservationEncoder):
 
     def forward(self, obs: Tensor) -> Tensor:
         """:param obs: ``[B, H, W, C]`` integers. :return: ``[B, out_dim]``."""
-        cells = self.embedding(obs.long() + self.offsets).flatten(-2)  # (B, H, W, C * embed)
+        obs = obs.long()
+        if ((obs < 0) | (obs > self.high)).any():
+            raise ValueError(
+                f"grid observation values must lie in 0..high per channel, high = "
+                f"{self.high.tolist()}; got values {obs.amin().item()}..{obs.amax().item()}: "
+                f"declare the observation space's true per-channel high"
+            )
+        cells = self.embedding(obs + self.offsets).flatten(-2)  # (B, H, W, C * embed)
         in_view = cells.flatten(1, 2).amax(1)  # (B, C * embed_dim)
         return torch.relu(self.linear(cells.flatten(1)) + self.pooled(in_view))
 

@@ -87,6 +87,14 @@ def test_grid_encoder_accepts_the_highest_declared_value_of_every_channel():
     assert make_encoder(SYMBOLIC_GRID)(obs).shape == (1, 256)
 
 
+@pytest.mark.parametrize(("channel", "value"), [(0, 11), (1, 6), (2, -1)])
+def test_grid_encoder_rejects_a_value_outside_its_channel_range(channel, value):
+    obs = torch.zeros(1, 3, 3, 3, dtype=torch.int64)
+    obs[0, 1, 1, channel] = value
+    with pytest.raises(ValueError, match=r"high = \[10, 5, 2\]"):
+        make_encoder(SYMBOLIC_GRID)(obs)
+
+
 def test_grid_encoder_recognises_an_object_wherever_it_is_in_view():
     """The max-over-cells term: with the flattened (what-is-where) map zeroed, a key in one
     corner of an empty view and a key in the opposite corner give equal features, a ball does
