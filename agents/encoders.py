@@ -140,7 +140,9 @@ class NatureCNNEncoder(ObservationEncoder):
     in 4,096 and a 512-sample minibatch ~50, so the update's CNN does a tenth of the work. The
     result is the same function; only float rounding can differ, as it does between batch
     sizes anyway. When images rarely repeat (natural images) the check costs ~5% of the
-    CNN's time: turn it off with ``dedupe=False`` (config ``model.encoder_dedupe``).
+    CNN's time: turn it off with ``dedupe=False`` (config ``model.encoder_dedupe``). These
+    figures are from a CPU; on a GPU, where the CNN is cheap and ``torch.unique`` waits for the
+    device, compare benchmark rows ``b`` and ``b-nodedupe``.
 
     :param space: ``Box`` of shape ``(H, W, C)``, uint8, with ``H, W >= 36`` (the smallest
         image the three convolutions leave at least one pixel of).
