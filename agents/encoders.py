@@ -65,9 +65,11 @@ class GridEmbeddingEncoder(ObservationEncoder):
     one place of the view be recognised in any other: in MiniGrid-Memory the cue is seen at a
     different place for every way the agent can turn back to look at it.
 
-    ``forward`` raises ``ValueError`` for a value outside ``0..high_c`` (in the shared table it
-    would silently read another channel's rows), so the observation space must declare the
-    true per-channel ``high``.
+    ``forward`` rejects a value outside ``0..high_c`` (in the shared table it would silently
+    read another channel's rows): ``ValueError`` on CPU, a device-side assert on CUDA (which
+    does not make the host wait for the device). So the observation space must declare the
+    true per-channel ``high``. Weights saved before the channels shared one table (separate
+    ``embeddings.<c>.weight``) load into it.
 
     :param space: ``Box`` of shape ``(H, W, C)`` with integer dtype and ``low >= 0``.
     :param out_dim: feature size.
@@ -95,35 +97,55 @@ class GridEmbeddingEncoder(ObservationEncoder):
     def forward(self, obs: Tensor) -> Tensor:
         """:param obs: ``[B, H, W, C]`` integers. :return: ``[B, out_dim]``."""
         obs = obs.long()
-        if ((obs < 0) | (obs > self.high)).any():
-            raise ValueError(
-                f"grid observation values must lie in 0..high per channel, high = "
-                f"{self.high.tolist()}; got values {obs.amin().item()}..{obs.amax().item()}: "
-                f"declare the observation space's true per-channel high"
-            )
+        self._check_range(obs)
         cells = self.embedding(obs + self.offsets).flatten(-2)  # (B, H, W, C * embed)
         in_view = cells.flatten(1, 2).amax(1)  # (B, C * embed_dim)
         return torch.relu(self.linear(cells.flatten(1)) + self.pooled(in_view))
 
+    def _check_range(self, obs: Tensor) -> None:
+        outside = ((obs < 0) | (obs > self.high)).flatten(0, -2).any(0)  # (C,)
+        if obs.is_cuda:
+            torch._assert_async(~outside.any(), "grid observation value outside 0..high")
+        elif outside.any():
+            c = int(outside.nonzero()[0, 0])
+            values = obs[..., c]
+            raise ValueError(
+                f"grid observation channel {c} holds values {values.min().item()}.."
+                f"{values.max().item()}, outside 0..{self.high[c].item()} (per-channel high "
+                f"{self.high.tolist()}): declare the observation space's true per-channel high"
+            )
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # Before one table: channel c's rows in `embeddings.<c>.weight`, in channel order.
+        old = [f"{prefix}embeddings.{c}.weight" for c in range(len(self.offsets))]
+        if all(key in state_dict for key in old):
+            state_dict[f"{prefix}embedding.weight"] = torch.cat([state_dict.pop(k) for k in old])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
 
 def distinct_rows(batch: Tensor) -> tuple[Tensor, Tensor]:
-    """The distinct entries of a batch, exactly: ``batch == distinct[inverse]``.
+    """The distinct entries of a batch, exactly: ``batch[first][inverse]`` equals ``batch``.
 
     Entries are compared byte for byte, as rows of int64 (zero-padded to a multiple of 8
     bytes; ~4x faster to sort than bytes), so two entries are merged only when identical.
 
     :param batch: ``[B, ...]``, any dtype.
-    :return: ``distinct`` ``[U, ...]`` (U <= B, sorted by their bytes) and ``inverse``
-        ``[B]`` int64.
+    :return: ``first`` ``[U]``, the index of each distinct entry's first occurrence (U <= B,
+        in no particular order), and ``inverse`` ``[B]``, each entry's position in ``first``;
+        both int64.
     """
-    row_bytes = batch[0].numel() * batch.element_size()
-    as_bytes = batch.reshape(len(batch), -1).contiguous().view(torch.uint8)  # [B, row_bytes]
-    padding = -row_bytes % 8
+    n = len(batch)
+    as_bytes = batch.reshape(n, math.prod(batch.shape[1:])).contiguous().view(torch.uint8)
+    # as_bytes: [B, row bytes]. An int64 view needs 8-byte rows, 8-byte aligned.
+    padding = -as_bytes.shape[1] % 8 if as_bytes.shape[1] else 8
     if padding:
         as_bytes = torch.nn.functional.pad(as_bytes, (0, padding))
+    elif as_bytes.storage_offset() % 8:
+        as_bytes = as_bytes.clone()
     keys, inverse = torch.unique(as_bytes.view(torch.int64), dim=0, return_inverse=True)
-    distinct = keys.view(torch.uint8)[:, :row_bytes].contiguous().view(batch.dtype)
-    return distinct.view(-1, *batch.shape[1:]), inverse
+    first = torch.full((len(keys),), n, device=batch.device)
+    first = first.scatter_reduce(0, inverse, torch.arange(n, device=batch.device), "amin")
+    return first, inverse
 
 
 class NatureCNNEncoder(ObservationEncoder):
@@ -134,8 +156,9 @@ class NatureCNNEncoder(ObservationEncoder):
     Pixels are scaled by 1/255 and moved to channels-first inside ``forward``.
 
     With ``dedupe`` (the default) the CNN runs once per *distinct* image of a batch and the
-    features are copied to the repeats (:func:`distinct_rows`; gradients of repeats add up, as
-    they would in the full batch). Images rendered from grid worlds repeat a lot: a rollout
+    features are copied to the repeats (:func:`distinct_rows`; the weights' gradients from
+    repeats add up, as they would in the full batch; an input that requires grad is encoded
+    whole). Images rendered from grid worlds repeat a lot: a rollout
     of MiniGrid-MemoryS9 (3x3 view, 84x84 RGB, 16 envs x 256 steps) holds ~60 distinct images
     in 4,096 and a 512-sample minibatch ~50, so the update's CNN does a tenth of the work. The
     result is the same function; only float rounding can differ, as it does between batch
@@ -180,10 +203,12 @@ class NatureCNNEncoder(ObservationEncoder):
 
     def forward(self, obs: Tensor) -> Tensor:
         """:param obs: ``[B, H, W, C]`` uint8. :return: ``[B, out_dim]``."""
-        if self.dedupe and len(obs) > 1:
-            distinct, inverse = distinct_rows(obs)
-            if len(distinct) < len(obs):
-                return self._encode(distinct)[inverse]
+        # An input that needs its own gradient (saliency maps) gets the full batch: with
+        # repeats merged, all of an image's gradient would go to its first occurrence.
+        if self.dedupe and len(obs) > 1 and not obs.requires_grad:
+            first, inverse = distinct_rows(obs)
+            if len(first) < len(obs):
+                return self._encode(obs[first])[inverse]
         return self._encode(obs)
 
     def _encode(self, obs: Tensor) -> Tensor:

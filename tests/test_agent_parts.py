@@ -91,8 +91,19 @@ def test_grid_encoder_accepts_the_highest_declared_value_of_every_channel():
 def test_grid_encoder_rejects_a_value_outside_its_channel_range(channel, value):
     obs = torch.zeros(1, 3, 3, 3, dtype=torch.int64)
     obs[0, 1, 1, channel] = value
-    with pytest.raises(ValueError, match=r"high = \[10, 5, 2\]"):
+    with pytest.raises(ValueError, match=rf"channel {channel} .*per-channel high \[10, 5, 2\]"):
         make_encoder(SYMBOLIC_GRID)(obs)
+
+
+def test_grid_encoder_loads_weights_saved_with_one_table_per_channel():
+    encoder = GridEmbeddingEncoder(SYMBOLIC_GRID, embed_dim=4)
+    old_format = {k: v for k, v in encoder.state_dict().items() if k != "embedding.weight"}
+    for c, rows in enumerate(encoder.embedding.weight.detach().split([11, 6, 3])):
+        old_format[f"embeddings.{c}.weight"] = rows.clone()
+    loaded = GridEmbeddingEncoder(SYMBOLIC_GRID, embed_dim=4)
+    loaded.load_state_dict(old_format)
+    obs = batch(SYMBOLIC_GRID)
+    torch.testing.assert_close(loaded(obs), encoder(obs))
 
 
 def test_grid_encoder_recognises_an_object_wherever_it_is_in_view():
@@ -140,9 +151,25 @@ def test_distinct_rows_merges_exactly_the_identical_entries(shape, dtype):
     pool[1] = pool[0]
     pool[1].view(-1)[-1] += 1  # differs from entry 0 in its last element only
     batch = pool[torch.tensor([0, 1, 2, 0, 3, 2, 0, 4, 1])]
-    distinct, inverse = distinct_rows(batch)
-    assert len(distinct) == 5 and distinct.dtype == dtype and inverse.shape == (9,)
-    assert torch.equal(distinct[inverse], batch)
+    first, inverse = distinct_rows(batch)
+    assert len(first) == 5 and inverse.shape == (9,)
+    assert torch.equal(batch[first][inverse], batch)
+    # first[k] is the first position holding distinct entry k
+    for k, position in enumerate(first.tolist()):
+        assert position == (inverse == k).nonzero()[0, 0].item()
+
+
+@pytest.mark.parametrize(
+    "batch",
+    [torch.arange(40, dtype=torch.uint8)[1:33].view(4, 8),  # storage offset 1 byte
+     torch.arange(12.0).view(3, 4).t(),  # not contiguous
+     torch.zeros(0, 3), torch.zeros(1, 5), torch.zeros(3, 0)],
+    ids=["misaligned", "transposed", "empty-batch", "one-entry", "empty-entries"],
+)
+def test_distinct_rows_handles_any_layout_and_size(batch):
+    first, inverse = distinct_rows(batch)
+    assert torch.equal(batch[first][inverse], batch)
+    assert len(first) == len({row.numpy().tobytes() for row in batch})
 
 
 def test_image_encoder_with_dedupe_computes_the_full_batch_on_distinct_images():
@@ -166,6 +193,11 @@ def test_image_encoder_with_dedupe_computes_the_full_batch_on_distinct_images():
         (encoder(images) * weights).sum().backward()
     assert cnn_batch_sizes == [len(distinct_rows(images)[0])] and cnn_batch_sizes[0] < 12
     torch.testing.assert_close(deduped(images), full(images))
+    # An input that requires grad gets every row's own gradient (encoded whole).
+    pixels = [images.float().requires_grad_() for _ in range(2)]
+    for encoder, x in zip((deduped, full), pixels, strict=True):
+        (encoder(x) * weights).sum().backward()
+    assert torch.equal(pixels[0].grad, pixels[1].grad) and pixels[0].grad[-1].abs().sum() > 0
     # Repeats' gradients are summed in another order: equal up to float32 rounding of the sum.
     for a, b in zip(deduped.parameters(), full.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5 * b.grad.abs().max())

@@ -353,6 +353,9 @@ def bad_checkpoints(good: Path, root: Path) -> dict:
     def future(data):
         data["format_version"] = 99
 
+    def wrong_weights(data):  # e.g. saved by a version whose model had other parameters
+        data["model"]["encoder.linear.weight"] = torch.zeros(1)
+
     return {
         "missing": (root / "nope.pt", "does not exist"),
         "empty run dir": (root / "empty_run", "no checkpoint (update_*.pt) found"),
@@ -362,6 +365,9 @@ def bad_checkpoints(good: Path, root: Path) -> dict:
         "other torch file": (not_ours, "not a trxl_rl checkpoint (keys missing)"),
         "future format": (write_variant(good, root / "future" / "update_0000001.pt", future),
                           "has checkpoint format 99, this trxl_rl reads formats 1, 2"),
+        "wrong weights": (write_variant(good, root / "weights" / "update_0000001.pt",
+                                        wrong_weights),
+                          "weights do not fit the model its config describes"),
     }
 
 
@@ -373,7 +379,8 @@ def assert_one_line_error(code: int, err: str, needle: str) -> None:
 
 
 @pytest.mark.parametrize("case", ["missing", "empty run dir", "text file", "truncated",
-                                  "unsafe pickle", "other torch file", "future format"])
+                                  "unsafe pickle", "other torch file", "future format",
+                                  "wrong weights"])
 def test_resume_of_bad_checkpoint_is_one_line_exit_2_and_writes_nothing(run_a, tmp_path,
                                                                         capsys, case,
                                                                         monkeypatch):
@@ -384,6 +391,22 @@ def test_resume_of_bad_checkpoint_is_one_line_exit_2_and_writes_nothing(run_a, t
     assert_one_line_error(code, capsys.readouterr().err, needle)
     assert snapshot(tmp_path) == before
     assert not (tmp_path / "pwned").exists()
+
+
+def test_checkpoint_whose_optimizer_does_not_fit_is_evaluated_not_resumed(run_a, tmp_path,
+                                                                         capsys):
+    def drop_a_parameter(data):
+        group = data["optimizer"]["param_groups"][0]
+        group["params"] = group["params"][:-1]
+
+    path = write_variant(latest_checkpoint(run_a[0]),
+                         tmp_path / "run" / "checkpoints" / "update_0000001.pt", drop_a_parameter)
+    trxl_rl.load_agent(path)
+    before = snapshot(tmp_path)
+    code = main(["--resume", str(path)])
+    assert_one_line_error(code, capsys.readouterr().err,
+                          "its optimizer state does not fit the model")
+    assert snapshot(tmp_path) == before
 
 
 def test_format_1_checkpoints_load_for_evaluation_but_cannot_be_resumed(run_a, tmp_path,

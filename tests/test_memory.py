@@ -317,3 +317,29 @@ def test_invalid_call_arguments_raise_value_error_naming_the_argument():
         model.initial_state(0)
     with pytest.raises(ValueError, match="mask"):
         state.reset(torch.ones(3, dtype=torch.bool))
+
+
+def test_attention_weights_follow_the_transformer_xl_formula():
+    """softmax(((q + u).k_j + (q + v).r_{d(i,j)}) / sqrt(Dh)) over visible keys, written out
+    independently of the implementation (u, v non-zero; some keys hidden)."""
+    layer = make_model(seed=3, positional_encoding="relative").layers[0]
+    b, n, m, heads, dh = 2, 3, 4, 4, 4
+    generator = torch.Generator().manual_seed(0)
+    h = torch.randn(b, n, 16, generator=generator)
+    keys = torch.randn(b, heads, m + n, dh, generator=generator)
+    pos_keys = torch.randn(m + 1, heads, dh, generator=generator)
+    distance = (m + torch.arange(n)[:, None] - torch.arange(m + n)[None, :]).clamp(0, m)
+    visible = torch.rand(b, 1, n, m + n, generator=generator) < 0.7
+    visible[..., m:] |= torch.eye(n, dtype=torch.bool)  # every query sees itself
+    with torch.no_grad():
+        weights = layer.attention_weights(h, keys, visible, pos_keys, distance)
+        q = layer.query(layer.norm_attn(h)).view(b, n, heads, dh).transpose(1, 2)
+        u, v = layer.content_bias, layer.position_bias
+        expected = torch.zeros(b, heads, n, m + n)
+        for i, j in itertools.product(range(n), range(m + n)):
+            content = ((q[:, :, i] + u) * keys[:, :, j]).sum(-1)  # [B, H]
+            position = ((q[:, :, i] + v) * pos_keys[distance[i, j]]).sum(-1)
+            expected[:, :, i, j] = (content + position) / dh ** 0.5
+        expected = expected.masked_fill(~visible, float("-inf")).softmax(-1)
+    assert u.abs().min() > 0 and v.abs().min() > 0
+    torch.testing.assert_close(weights, expected)

@@ -236,15 +236,23 @@ def agent_from_checkpoint(checkpoint: dict, device: str | torch.device = "cpu"):
     obs_space = space_from_dict(checkpoint["spaces"]["observation"])
     act_space = space_from_dict(checkpoint["spaces"]["action"])
     agent = make_agent(cfg, obs_space, act_space)
+    load_weights(agent, checkpoint)
+    return agent.to(device).eval()
+
+
+def load_weights(agent: torch.nn.Module, checkpoint: dict) -> None:
+    """Load the checkpoint's model weights into ``agent``.
+
+    :raises CheckpointError: they do not fit (naming the first mismatching parameters).
+    """
     try:
         agent.load_state_dict(checkpoint["model"])
     except RuntimeError as err:
-        reason = str(err).strip().splitlines()[0]
+        lines = [line.strip() for line in str(err).strip().splitlines()[1:] if line.strip()]
         raise CheckpointError(
             f"{checkpoint.get('path', 'checkpoint')!r}: weights do not fit the model its config "
-            f"describes: {reason[:160]}"
+            f"describes (saved by another version of trxl_rl?): {' '.join(lines)[:240]}"
         ) from None
-    return agent.to(device).eval()
 
 
 def load_agent(path: str | Path, device: str | torch.device = "cpu"):

@@ -42,7 +42,8 @@ class ModelConfig:
 
     :param encoder_dim: encoder output size (None: the encoder's default).
     :param encoder_dedupe: image encoders run their CNN once per distinct image of a batch
-        (exact; a large saving for rendered grid worlds, see ``NatureCNNEncoder``).
+        (the same function up to float rounding; a large saving for rendered grid worlds,
+        see ``NatureCNNEncoder``).
     The other fields are those of :class:`trxl_rl.TrXLConfig`."""
 
     encoder_dim: int | None = None

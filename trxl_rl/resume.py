@@ -31,7 +31,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from trxl_rl.checkpoint import CheckpointError, config_from_checkpoint, rng_state, set_rng_state
+from trxl_rl.checkpoint import (
+    CheckpointError,
+    config_from_checkpoint,
+    load_weights,
+    rng_state,
+    set_rng_state,
+)
 from trxl_rl.config import ConfigError, TrainConfig, build_config, config_to_dict
 from trxl_rl.memory import MemoryState
 from trxl_rl.rollout import obs_to_tensor, tree_map
@@ -105,8 +111,14 @@ def restore_training(checkpoint: dict, agent: torch.nn.Module, optimizer: torch.
 
     from trxl_rl.envs import ReplayError, restore_vector_env
 
-    agent.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
+    load_weights(agent, checkpoint)
+    try:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except (ValueError, KeyError) as err:
+        raise CheckpointError(
+            f"{checkpoint.get('path', 'checkpoint')!r}: its optimizer state does not fit the "
+            f"model ({err}); it can be evaluated (python -m trxl_rl.evaluate) but not resumed"
+        ) from None
     shuffle.set_state(checkpoint["shuffle"])
     carry = checkpoint["carry"]
     obs = _numpy(carry["obs"])

@@ -205,6 +205,19 @@ def train(cfg: TrainConfig, on_update: Callable[[int, dict[str, float]], None] |
     obs_space, act_space = envs.single_observation_space, envs.single_action_space
     agent = make_agent(cfg, obs_space, act_space).to(device)
     optimizer = make_optimizer(cfg, agent)
+    b, t_steps = cfg.env.num_envs, cfg.ppo.rollout_steps
+    shuffle = torch.Generator().manual_seed(cfg.seed)
+    obs, _ = envs.reset(seed=cfg.seed)
+    envs.action_space.seed(cfg.seed)
+    state = agent.initial_state(b)
+    episode_start = torch.ones(b, dtype=torch.bool, device=device)
+    first_update, global_step = 1, 0
+    if resume is not None:  # before anything is written: a checkpoint that fails leaves no trace
+        obs, state, episode_start = restore_training(resume, agent, optimizer, shuffle, envs,
+                                                     device)
+        first_update = resume["counters"]["update"] + 1
+        global_step = resume["counters"]["global_step"]
+
     run_name = cfg.run_name or (f"{Path(cfg.env.id).name}__seed{cfg.seed}__"
                                 f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
     run_dir = Path(cfg.log_dir) / run_name
@@ -217,22 +230,9 @@ def train(cfg: TrainConfig, on_update: Callable[[int, dict[str, float]], None] |
     # A resumed run hides what the interrupted one logged after its checkpoint.
     writer = SummaryWriter(str(run_dir), purge_step=None if resume is None
                            else resume["counters"]["global_step"] + 1)
-    b, t_steps = cfg.env.num_envs, cfg.ppo.rollout_steps
     rollout = Rollout(t_steps, b, obs_space, action_shape(act_space), action_dtype(act_space),
                       cfg.model.num_layers, cfg.model.memory_length, cfg.model.dim, device)
     num_updates = max(1, cfg.total_steps // (b * t_steps))  # whole rollouts within the budget
-    shuffle = torch.Generator().manual_seed(cfg.seed)
-
-    obs, _ = envs.reset(seed=cfg.seed)
-    envs.action_space.seed(cfg.seed)
-    state = agent.initial_state(b)
-    episode_start = torch.ones(b, dtype=torch.bool, device=device)
-    first_update, global_step = 1, 0
-    if resume is not None:
-        obs, state, episode_start = restore_training(resume, agent, optimizer, shuffle, envs,
-                                                     device)
-        first_update = resume["counters"]["update"] + 1
-        global_step = resume["counters"]["global_step"]
     episodes = EpisodeLog()
     start_step, start_time = global_step, time.perf_counter()
     bar = tqdm(total=num_updates * b * t_steps, initial=global_step, unit="step",
@@ -414,6 +414,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         summary = train(cfg, resume=resume)
+    except CheckpointError as err:  # raised while restoring, before the run writes anything
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except TrainingInterrupted as stop:
         print(f"{stop}; continue with: python -m trxl_rl.train --resume "
               f"{run_dir_of(stop.checkpoint)}", file=sys.stderr)
