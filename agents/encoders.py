@@ -61,9 +61,9 @@ class GridEmbeddingEncoder(ObservationEncoder):
     ``c``'s from row ``offsets[c]``). A cell's features are its channels' embeddings,
     concatenated. The output is ReLU of two linear maps added: one of all cells' features
     flattened (what is where: walls ahead, the way out) and one of their maximum over cells
-    (what is in view, wherever it is). The second lets an object seen in
-    one place of the view be recognised in any other: in MiniGrid-Memory the cue is seen at a
-    different place for every way the agent can turn back to look at it.
+    (what is in view, wherever it is). The second lets an object seen in one place of the
+    view be recognised in any other: in MiniGrid-Memory the cue is seen at a different place
+    for every way the agent can turn back to look at it.
 
     ``forward`` rejects a value outside ``0..high_c`` (in the shared table it would silently
     read another channel's rows): ``ValueError`` on CPU, a device-side assert on CUDA (which
@@ -158,9 +158,9 @@ class NatureCNNEncoder(ObservationEncoder):
     With ``dedupe`` (the default) the CNN runs once per *distinct* image of a batch and the
     features are copied to the repeats (:func:`distinct_rows`; the weights' gradients from
     repeats add up, as they would in the full batch; an input that requires grad is encoded
-    whole). Images rendered from grid worlds repeat a lot: a rollout
-    of MiniGrid-MemoryS9 (3x3 view, 84x84 RGB, 16 envs x 256 steps) holds ~60 distinct images
-    in 4,096 and a 512-sample minibatch ~50, so the update's CNN does a tenth of the work. The
+    whole). Images rendered from grid worlds repeat a lot: a rollout of MiniGrid-MemoryS9 (3x3
+    view, 84x84 RGB, 16 envs x 256 steps) holds ~60 distinct images in 4,096 and a 512-sample
+    minibatch ~50, so the update's CNN does a tenth of the work. The
     result is the same function; only float rounding can differ, as it does between batch
     sizes anyway. When images rarely repeat (natural images) the check costs ~5% of the
     CNN's time: turn it off with ``dedupe=False`` (config ``model.encoder_dedupe``). These

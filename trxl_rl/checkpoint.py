@@ -243,7 +243,7 @@ def agent_from_checkpoint(checkpoint: dict, device: str | torch.device = "cpu"):
 def load_weights(agent: torch.nn.Module, checkpoint: dict) -> None:
     """Load the checkpoint's model weights into ``agent``.
 
-    :raises CheckpointError: they do not fit (naming the first mismatching parameters).
+    :raises CheckpointError: they do not fit (naming the mismatching parameters).
     """
     try:
         agent.load_state_dict(checkpoint["model"])
