@@ -38,8 +38,9 @@ SUPPORTED_SPACES = (
 
 
 def _orthogonal_init(module: nn.Module, gain: float = math.sqrt(2)) -> None:
-    """PPO's usual initialisation: orthogonal weights, zero bias, for Linear and Conv2d."""
-    if isinstance(module, (nn.Linear, nn.Conv2d)):
+    """PPO's usual initialisation: orthogonal weights, zero bias, for Linear and (transposed)
+    convolutions."""
+    if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
         nn.init.orthogonal_(module.weight, gain)
         nn.init.zeros_(module.bias)
 
@@ -155,27 +156,32 @@ class NatureCNNEncoder(ObservationEncoder):
     Linear -> ``out_dim``, ReLU. For 84x84x3 this is the CNN of CleanRL's ``ppo_trxl``.
     Pixels are scaled by 1/255 and moved to channels-first inside ``forward``.
 
-    With ``dedupe`` (the default) the CNN runs once per *distinct* image of a batch and the
-    features are copied to the repeats (:func:`distinct_rows`; the weights' gradients from
-    repeats add up, as they would in the full batch; an input that requires grad is encoded
-    whole). Images rendered from grid worlds repeat a lot: a rollout of MiniGrid-MemoryS9 (3x3
-    view, 84x84 RGB, 16 envs x 256 steps) holds ~60 distinct images in 4,096 and a 512-sample
-    minibatch ~50, so the update's CNN does a tenth of the work. The
-    result is the same function; only float rounding can differ, as it does between batch
-    sizes anyway. When images rarely repeat (natural images) the check costs ~5% of the
-    CNN's time: turn it off with ``dedupe=False`` (config ``model.encoder_dedupe``). These
-    figures are from a CPU; on a GPU, where the CNN is cheap and ``torch.unique`` waits for the
-    device, compare benchmark rows ``b`` and ``b-nodedupe``.
+    With ``dedupe`` the CNN runs once per *distinct* image of a batch and the features are
+    copied to the repeats (:func:`distinct_rows`; the weights' gradients from repeats add up,
+    as they would in the full batch; an input that requires grad is encoded whole). Images
+    rendered from grid worlds repeat a lot: a rollout of MiniGrid-MemoryS9 (3x3 view, 84x84
+    RGB, 16 envs x 256 steps) holds ~60 distinct images in 4,096 and a 512-sample minibatch
+    ~50, so the update's CNN does a tenth of the work. The result is the same function; only
+    float rounding can differ, as it does between batch sizes anyway.
+
+    ``dedupe=None`` (the default) decides per batch from its device: on for CPU tensors, off
+    on a GPU. Measured with ``python -m benchmarks.run`` on the published-pixel config (rows
+    ``b``, ``b-dedupe``, ``b-nodedupe``): on 2 CPU cores dedupe trains 1.9x faster; on an
+    H200 it trains 2.4x *slower*, because the CNN is cheap there and ``torch.unique`` makes
+    the host wait for the device. When images rarely repeat (natural images) the check costs
+    ~5% of the CNN's time on a CPU: turn it off with ``dedupe=False`` (config
+    ``model.encoder_dedupe``).
 
     :param space: ``Box`` of shape ``(H, W, C)``, uint8, with ``H, W >= 36`` (the smallest
         image the three convolutions leave at least one pixel of).
     :param out_dim: feature size.
-    :param dedupe: encode each distinct image of a batch once.
+    :param dedupe: encode each distinct image of a batch once (None: on CPU only).
     """
 
     MIN_SIDE = 36
 
-    def __init__(self, space: spaces.Box, out_dim: int = 512, dedupe: bool = True) -> None:
+    def __init__(self, space: spaces.Box, out_dim: int = 512,
+                 dedupe: bool | None = None) -> None:
         super().__init__()
         height, width, channels = space.shape
         if min(height, width) < self.MIN_SIDE:
@@ -205,16 +211,61 @@ class NatureCNNEncoder(ObservationEncoder):
         """:param obs: ``[B, H, W, C]`` uint8. :return: ``[B, out_dim]``."""
         # An input that needs its own gradient (saliency maps) gets the full batch: with
         # repeats merged, all of an image's gradient would go to its first occurrence.
-        if self.dedupe and len(obs) > 1 and not obs.requires_grad:
+        dedupe = obs.device.type == "cpu" if self.dedupe is None else self.dedupe
+        if dedupe and len(obs) > 1 and not obs.requires_grad:
             first, inverse = distinct_rows(obs)
             if len(first) < len(obs):
-                return self._encode(obs[first])[inverse]
-        return self._encode(obs)
+                return self.encode_all(obs[first])[inverse]
+        return self.encode_all(obs)
 
-    def _encode(self, obs: Tensor) -> Tensor:
+    def encode_all(self, obs: Tensor) -> Tensor:
+        """The CNN on every image of ``obs`` ``[B, H, W, C]`` (no dedupe)."""
         # (B, H, W, C) -> (B, C, H, W), in [0, 1]
         pixels = obs.permute(0, 3, 1, 2).float() / 255.0
         return torch.relu(self.linear(self.cnn(pixels)))
+
+
+class NatureCNNDecoder(nn.Module):
+    """Features ``[B, in_dim]`` -> image ``[B, H, W, C]`` in [0, 1]: the mirror of
+    :class:`NatureCNNEncoder` (Linear -> 64 x h x w, then transposed convolutions 3x3/1,
+    4x4/2, 8x8/4 with ReLUs, and a sigmoid), sized to give back exactly ``space``'s images.
+
+    Used for the auxiliary observation-reconstruction loss (``ppo.reconstruction_coef``;
+    Pleines et al. 2023 found TrXL-PPO on finite memory tasks needs it). ``output_padding``
+    makes up the pixels that the encoder's strided convolutions drop, so any ``H, W >= 36``
+    works, not only 84.
+    """
+
+    def __init__(self, space: spaces.Box, in_dim: int) -> None:
+        super().__init__()
+        height, width, channels = space.shape
+        sizes = [(height, width)]
+        for kernel, stride in ((8, 4), (4, 2), (3, 1)):
+            h, w = sizes[-1]
+            sizes.append(((h - kernel) // stride + 1, (w - kernel) // stride + 1))
+        (h0, w0), (h1, w1), (h2, w2), (h3, w3) = sizes
+
+        def pad(out: int, inp: int, kernel: int, stride: int) -> int:
+            return out - ((inp - 1) * stride + kernel)
+
+        self.linear = nn.Linear(in_dim, 64 * h3 * w3)
+        self.deconv = nn.Sequential(
+            nn.Unflatten(1, (64, h3, w3)),
+            nn.ReLU(),
+            nn.ConvTranspose2d(64, 64, 3, stride=1),
+            nn.ReLU(),
+            nn.ConvTranspose2d(64, 32, 4, stride=2,
+                               output_padding=(pad(h1, h2, 4, 2), pad(w1, w2, 4, 2))),
+            nn.ReLU(),
+            nn.ConvTranspose2d(32, channels, 8, stride=4,
+                               output_padding=(pad(h0, h1, 8, 4), pad(w0, w1, 8, 4))),
+            nn.Sigmoid(),
+        )
+        self.apply(_orthogonal_init)
+
+    def forward(self, features: Tensor) -> Tensor:
+        """:param features: ``[B, in_dim]``. :return: ``[B, H, W, C]`` in [0, 1]."""
+        return self.deconv(self.linear(features)).permute(0, 2, 3, 1)
 
 
 class MLPEncoder(ObservationEncoder):
@@ -263,7 +314,7 @@ class DictEncoder(ObservationEncoder):
     """
 
     def __init__(self, space: spaces.Dict, out_dim: int | None = None,
-                 dedupe: bool = True) -> None:
+                 dedupe: bool | None = None) -> None:
         super().__init__()
         self.keys = sorted(space.spaces)
         self.parts = nn.ModuleDict(
@@ -285,12 +336,12 @@ def _is_symbolic_grid(space: spaces.Box) -> bool:
     )
 
 
-def _is_image(space: spaces.Box) -> bool:
+def is_image_space(space: spaces.Box) -> bool:
     return space.dtype == np.uint8 and len(space.shape) == 3 and int(np.max(space.high)) == 255
 
 
 def make_encoder(space: spaces.Space, out_dim: int | None = None,
-                 dedupe: bool = True) -> ObservationEncoder:
+                 dedupe: bool | None = None) -> ObservationEncoder:
     """Choose the encoder for an observation space (rules in the module docstring).
 
     :param space: the (single-environment) observation space.
@@ -306,7 +357,7 @@ def make_encoder(space: spaces.Space, out_dim: int | None = None,
     if isinstance(space, spaces.Box):
         if _is_symbolic_grid(space):
             return GridEmbeddingEncoder(space, **kwargs)
-        if _is_image(space):
+        if is_image_space(space):
             return NatureCNNEncoder(space, dedupe=dedupe, **kwargs)
         if len(space.shape) == 1:
             return MLPEncoder(space, **kwargs)

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from trxl_rl.memory import MemoryState, TransformerXL, TrXLConfig
 
 from .distributions import ActionDistribution, make_action_head
-from .encoders import make_encoder
+from .encoders import NatureCNNDecoder, distinct_rows, is_image_space, make_encoder
 
 Obs = Tensor | dict[str, Tensor]
 
@@ -48,14 +48,25 @@ class TrXLAgent(nn.Module):
     :param action_space: a single env's action space (Discrete or MultiDiscrete).
     :param memory: the :class:`trxl_rl.TrXLConfig` fields except ``input_dim``.
     :param encoder_dim: encoder output size (None: the encoder's default).
-    :param encoder_dedupe: image encoders encode each distinct image of a batch once.
+    :param encoder_dedupe: image encoders encode each distinct image of a batch once
+        (None: on CPU only; see :class:`~trxl_rl.agents.encoders.NatureCNNEncoder`).
+    :param reconstruction: add an image decoder for :meth:`reconstruction_loss` (image
+        observations only).
     """
 
     def __init__(self, observation_space: spaces.Space, action_space: spaces.Space,
                  memory: dict, encoder_dim: int | None = None,
-                 encoder_dedupe: bool = True) -> None:
+                 encoder_dedupe: bool | None = None, reconstruction: bool = False) -> None:
         super().__init__()
         self.encoder = make_encoder(observation_space, encoder_dim, encoder_dedupe)
+        self.decoder = None
+        if reconstruction:
+            if not is_image_space(observation_space):
+                raise ValueError(
+                    f"observation reconstruction needs an image observation space (uint8 "
+                    f"(H, W, C) with high 255), got {observation_space}"
+                )
+            self.decoder = NatureCNNDecoder(observation_space, self.encoder.output_dim)
         self.memory = TransformerXL(TrXLConfig(input_dim=self.encoder.output_dim, **memory))
         dim = self.memory.output_dim
         self.policy_body = nn.Sequential(nn.Linear(dim, dim), nn.ReLU())
@@ -102,3 +113,16 @@ class TrXLAgent(nn.Module):
         dist, value = self._heads(features.flatten(0, 1))
         log_prob = dist.log_prob(actions.flatten(0, 1))
         return EvalOutput(log_prob.view(c, n), dist.entropy().view(c, n), value.view(c, n))
+
+    def reconstruction_loss(self, obs: Tensor) -> Tensor:
+        """Auxiliary loss: mean squared error of each *distinct* image of ``obs``
+        ``[..., H, W, C]`` (uint8) decoded from its encoder features, pixels in [0, 1].
+
+        Distinct images count once each, however often they repeat, so a rarely seen view
+        (a cue object in an unusual place) weighs as much as the corridor seen every step; it
+        also keeps the decoder's cost to the few distinct images of rendered grid worlds.
+        """
+        images = obs.flatten(0, obs.dim() - 4)
+        images = images[distinct_rows(images)[0]]
+        decoded = self.decoder(self.encoder.encode_all(images))
+        return (decoded - images.float() / 255.0).square().mean()

@@ -19,6 +19,7 @@ from trxl_rl.agents.encoders import (
     DictEncoder,
     GridEmbeddingEncoder,
     MLPEncoder,
+    NatureCNNDecoder,
     NatureCNNEncoder,
     distinct_rows,
     make_encoder,
@@ -173,17 +174,9 @@ def test_distinct_rows_handles_any_layout_and_size(batch):
 
 
 def test_image_encoder_with_dedupe_computes_the_full_batch_on_distinct_images():
-    from trxl_rl.envs import make_env
-
-    env = make_env("MiniGrid-MemoryS9-v0", obs="rgb")
-    obs, _ = env.reset(seed=0)
-    frames = [obs]
-    for action in [0, 0, 2, 1, 1, 2, 2, 0, 0, 1, 2, 2]:  # turn round, walk into the corridor
-        obs, *_ = env.step(action)
-        frames.append(obs)
-    images = torch.as_tensor(np.stack(frames + frames[::2]))  # [19, 84, 84, 3], repeats
+    images, env = memory_rgb_frames()
     torch.manual_seed(0)
-    deduped = NatureCNNEncoder(env.observation_space, out_dim=32)
+    deduped = NatureCNNEncoder(env.observation_space, out_dim=32)  # default: dedupe on CPU
     full = NatureCNNEncoder(env.observation_space, out_dim=32, dedupe=False)
     full.load_state_dict(deduped.state_dict())
     cnn_batch_sizes = []
@@ -201,6 +194,63 @@ def test_image_encoder_with_dedupe_computes_the_full_batch_on_distinct_images():
     # Repeats' gradients are summed in another order: equal up to float32 rounding of the sum.
     for a, b in zip(deduped.parameters(), full.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5 * b.grad.abs().max())
+
+
+def memory_rgb_frames():
+    """Real MiniGrid-MemoryS9 RGB frames ``[19, 84, 84, 3]`` with repeats, and the env."""
+    from trxl_rl.envs import make_env
+
+    env = make_env("MiniGrid-MemoryS9-v0", obs="rgb")
+    obs, _ = env.reset(seed=0)
+    frames = [obs]
+    for action in [0, 0, 2, 1, 1, 2, 2, 0, 0, 1, 2, 2]:  # turn round, walk into the corridor
+        obs, *_ = env.step(action)
+        frames.append(obs)
+    return torch.as_tensor(np.stack(frames + frames[::2])), env
+
+
+@pytest.mark.parametrize("shape", [(84, 84, 3), (36, 36, 1), (85, 91, 3), (40, 64, 4)])
+def test_image_decoder_gives_back_the_encoders_image_shape(shape):
+    space = spaces.Box(0, 255, shape, np.uint8)
+    decoder = NatureCNNDecoder(space, in_dim=16)
+    images = decoder(torch.randn(2, 16))
+    assert images.shape == (2, *shape)
+    assert images.min() >= 0 and images.max() <= 1
+
+
+def test_reconstruction_loss_decodes_each_distinct_image_once_and_trains_the_cnn():
+    from trxl_rl.agents import TrXLAgent
+
+    images, env = memory_rgb_frames()
+    torch.manual_seed(0)
+    memory = {"dim": 32, "num_layers": 1, "num_heads": 2, "memory_length": 4}
+    agent = TrXLAgent(env.observation_space, env.action_space, memory, encoder_dim=32,
+                      reconstruction=True)
+    decoded_sizes = []
+    agent.decoder.register_forward_hook(lambda m, inputs, out: decoded_sizes.append(len(out)))
+    segments = images[:18].view(3, 6, 84, 84, 3)  # [C, N, H, W, C], as PPO minibatches are
+    loss = agent.reconstruction_loss(segments)
+    assert decoded_sizes == [len(distinct_rows(images[:18])[0])] and decoded_sizes[0] < 12
+    loss.backward()
+    assert agent.encoder.cnn[0].weight.grad.abs().sum() > 0
+    assert agent.memory.layers[0].query.weight.grad is None  # the memory is not used
+    # A few steps on these frames bring the pixel error well down.
+    optimizer = torch.optim.Adam(agent.parameters(), lr=1e-3)
+    first = loss.item()
+    for _ in range(30):
+        optimizer.zero_grad()
+        loss = agent.reconstruction_loss(segments)
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.5 * first
+
+
+def test_reconstruction_needs_an_image_observation_space():
+    from trxl_rl.agents import TrXLAgent
+
+    memory = {"dim": 32, "num_layers": 1, "num_heads": 2, "memory_length": 4}
+    with pytest.raises(ValueError, match="needs an image observation space"):
+        TrXLAgent(SYMBOLIC_GRID, spaces.Discrete(3), memory, reconstruction=True)
 
 
 def test_discrete_observation_is_one_hot_encoded_from_its_start():

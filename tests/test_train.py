@@ -147,6 +147,17 @@ def test_first_minibatch_approx_kl_is_zero_on_a_real_minigrid_run(tmp_path, segm
         assert stats["losses/approx_kl"] > 1e-6  # later minibatches did move the policy
 
 
+def test_reconstruction_loss_trains_on_pixels_without_touching_the_exact_first_minibatch(
+        tmp_path):
+    cfg = small_config(**{"env.kwargs.obs": "rgb", "ppo.reconstruction_coef": 1.0,
+                          "log_dir": str(tmp_path)})
+    seen = []
+    train(cfg, on_update=lambda update, stats: seen.append(stats))
+    for stats in seen:
+        assert abs(stats["losses/first_minibatch_approx_kl"]) < 1e-6
+        assert 0 < stats["losses/reconstruction_loss"] < 1
+
+
 def test_seeded_cpu_runs_are_reproducible(tmp_path):
     runs = []
     for i in range(2):
@@ -192,6 +203,8 @@ def test_cli_unknown_env_suggests_close_names_and_exits_2_without_traceback(tmp_
     (["--env.kwargs.obs", "pixels"], "obs"),
     (["--ppo.epochs"], "cannot parse argument"),
     (["--env", "MiniGrid-Memory", "--config", "/nonexistent.yaml"], "is a preset"),
+    (["--ppo.reconstruction_coef", "-0.1"], "ppo.reconstruction_coef must be >= 0"),
+    (["--ppo.reconstruction_coef", "0.1"], "ppo.reconstruction_coef needs image observations"),
 ])
 def test_cli_bad_config_is_one_line_and_exit_code_2(capsys, tmp_path, args, needle):
     code = main([*args, "--log_dir", str(tmp_path)])

@@ -42,12 +42,12 @@ class ModelConfig:
 
     :param encoder_dim: encoder output size (None: the encoder's default).
     :param encoder_dedupe: image encoders run their CNN once per distinct image of a batch
-        (the same function up to float rounding; a large saving for rendered grid worlds,
-        see ``NatureCNNEncoder``).
+        (the same function up to float rounding; a large saving for rendered grid worlds on
+        a CPU, a loss on a GPU; see ``NatureCNNEncoder``). None (default): on CPU only.
     The other fields are those of :class:`trxl_rl.TrXLConfig`."""
 
     encoder_dim: int | None = None
-    encoder_dedupe: bool = True
+    encoder_dedupe: bool | None = None
     dim: int = 128
     num_layers: int = 2
     num_heads: int = 4
@@ -86,6 +86,7 @@ class PPOConfig:
     max_grad_norm: float = 0.5
     norm_advantages: bool = True
     target_kl: float | None = None
+    reconstruction_coef: float = 0.0  # > 0: the agent gets an image decoder (image obs only)
 
 
 @dataclass
@@ -167,6 +168,7 @@ class TrainConfig:
         non_negative = {
             "eval_episodes": self.eval_episodes, "ppo.value_coef": ppo.value_coef,
             "ppo.entropy_coef": ppo.entropy_coef, "ppo.weight_decay": ppo.weight_decay,
+            "ppo.reconstruction_coef": ppo.reconstruction_coef,
         }
         for name, value in non_negative.items():
             if value < 0:

@@ -59,6 +59,11 @@ def ppo_update(agent: nn.Module, optimizer: torch.optim.Optimizer, rollout: Roll
             value_loss = 0.5 * value_error.mean()
             entropy = out.entropy.mean()
             loss = pg_loss + cfg.value_coef * value_loss - entropy_coef * entropy
+            if cfg.reconstruction_coef > 0:
+                reconstruction = agent.reconstruction_loss(mb.obs)
+                loss = loss + cfg.reconstruction_coef * reconstruction
+                sums["reconstruction_loss"] = (sums.get("reconstruction_loss", 0.0)
+                                               + reconstruction.detach())
 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

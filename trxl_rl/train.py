@@ -74,7 +74,7 @@ def make_agent(cfg: TrainConfig, observation_space, action_space):
 
     model = cfg.model
     return TrXLAgent(observation_space, action_space, model.memory_fields(), model.encoder_dim,
-                     model.encoder_dedupe)
+                     model.encoder_dedupe, reconstruction=cfg.ppo.reconstruction_coef > 0)
 
 
 class EpisodeLog:
@@ -387,6 +387,7 @@ def resolve_config(args: argparse.Namespace, overrides: dict[str, Any]) -> Train
 
 
 def main(argv: list[str] | None = None) -> int:
+    from trxl_rl.agents.encoders import is_image_space
     from trxl_rl.envs import UnknownEnvError, make_env
 
     resume = None
@@ -407,6 +408,12 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, TypeError) as err:
             raise ConfigError(f"bad env.kwargs for {cfg.env.id!r}: {err}") from None
         env.close()
+        if cfg.ppo.reconstruction_coef > 0 and not is_image_space(env.observation_space):
+            space = env.observation_space
+            raise ConfigError(
+                f"ppo.reconstruction_coef needs image observations (uint8, (H, W, C)); "
+                f"{cfg.env.id} gives {type(space).__name__} {getattr(space, 'shape', '')} "
+                f"{getattr(space, 'dtype', '')}: set it to 0")
         if resume is not None:
             check_spaces(resume, env.observation_space, env.action_space, cfg.env.id)
     except (ConfigError, UnknownEnvError, CheckpointError) as err:
