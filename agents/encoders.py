@@ -166,7 +166,7 @@ class NatureCNNEncoder(ObservationEncoder):
 
     ``dedupe=None`` (the default) decides per batch from its device: on for CPU tensors, off
     on a GPU. Measured with ``python -m benchmarks.run`` on the published-pixel config (rows
-    ``b``, ``b-dedupe``, ``b-nodedupe``): on 2 CPU cores dedupe trains 1.9x faster; on an
+    ``b``, ``b-dedupe``, ``b-nodedupe``): on 2 CPU cores dedupe trains 1.6-1.9x faster; on an
     H200 it trains 2.4x *slower*, because the CNN is cheap there and ``torch.unique`` makes
     the host wait for the device. When images rarely repeat (natural images) the check costs
     ~5% of the CNN's time on a CPU: turn it off with ``dedupe=False`` (config
@@ -336,8 +336,10 @@ def _is_symbolic_grid(space: spaces.Box) -> bool:
     )
 
 
-def is_image_space(space: spaces.Box) -> bool:
-    return space.dtype == np.uint8 and len(space.shape) == 3 and int(np.max(space.high)) == 255
+def is_image_space(space: spaces.Space) -> bool:
+    """Whether ``space`` holds images: ``Box`` ``(H, W, C)``, uint8, high 255."""
+    return (isinstance(space, spaces.Box) and space.dtype == np.uint8
+            and len(space.shape) == 3 and int(np.max(space.high)) == 255)
 
 
 def make_encoder(space: spaces.Space, out_dim: int | None = None,
