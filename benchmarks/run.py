@@ -23,7 +23,8 @@ with 8 epochs and with the larger 2 x 128 model; (b) the published-pixel configu
 (84x84 RGB, Nature CNN, 2 x 256, 4 heads, M=64, 16 envs x 256 steps, 3 epochs x 8 minibatches),
 then the same with the CNN run once per distinct image and on every image (``b`` itself
 dedupes on a CPU and not on a GPU: it duplicates ``b-dedupe`` on one, ``b-nodedupe`` on the
-other), and with the auxiliary observation-reconstruction loss (``ppo.reconstruction_coef``);
+other), and with the auxiliary observation-reconstruction loss that the MiniGrid-Memory-RGB
+preset adds to learn S9 (``b-recon``: the preset as shipped);
 (c) a long memory (M=256, 3 layers x 384, 32 envs x 512 steps, CueRecall with 2,001-step
 episodes); then scaling in M (16 -> 1024) and in episode length (100 -> 10,000 steps), and an
 endless episode (100,000 steps, no episode end) whose RSS is sampled after every update.
@@ -42,6 +43,8 @@ from pathlib import Path
 
 MINIGRID = {"preset": "MiniGrid-Memory"}
 CUE = {"env.id": "trxl_rl/CueRecall-v0", "model.encoder_dim": 64}
+# (b): the RGB preset without its auxiliary loss, i.e. the published configuration's work.
+PIXELS = {"preset": "MiniGrid-Memory-RGB", "overrides": {"ppo.reconstruction_coef": 0.0}}
 
 
 def rows(quick: bool) -> list[dict]:
@@ -58,17 +61,15 @@ def rows(quick: bool) -> list[dict]:
         {"name": "a2x128", "what": "the same with 2 layers x 128, encoder 256", **MINIGRID,
          "updates": n, "base": "a", "overrides": {"model.num_layers": 2, "model.dim": 128,
                                                   "model.encoder_dim": 256}},
-        {"name": "b", "what": "published-pixel config (84x84 RGB)", "preset":
-         "MiniGrid-Memory-RGB", "updates": 1},
+        {"name": "b", "what": "published-pixel config (84x84 RGB)", **PIXELS, "updates": 1},
         {"name": "b-dedupe", "what": "the same, CNN once per distinct image (dedupe on)",
-         "preset": "MiniGrid-Memory-RGB", "updates": 1, "base": "b",
-         "overrides": {"model.encoder_dedupe": True}},
-        {"name": "b-nodedupe", "what": "the same, CNN on every image (dedupe off)", "preset":
-         "MiniGrid-Memory-RGB", "updates": 1, "base": "b",
-         "overrides": {"model.encoder_dedupe": False}},
-        {"name": "b-recon", "what": "the same (default dedupe), + reconstruction loss 0.1",
-         "preset": "MiniGrid-Memory-RGB", "updates": 1, "base": "b",
-         "overrides": {"ppo.reconstruction_coef": 0.1}},
+         "preset": PIXELS["preset"], "updates": 1, "base": "b",
+         "overrides": {**PIXELS["overrides"], "model.encoder_dedupe": True}},
+        {"name": "b-nodedupe", "what": "the same, CNN on every image (dedupe off)",
+         "preset": PIXELS["preset"], "updates": 1, "base": "b",
+         "overrides": {**PIXELS["overrides"], "model.encoder_dedupe": False}},
+        {"name": "b-recon", "what": "the MiniGrid-Memory-RGB preset: b + reconstruction loss",
+         "preset": "MiniGrid-Memory-RGB", "updates": 1, "base": "b"},
         {"name": "c", "what": "long memory: M=256, 3x384, 32x512, 2,001-step episodes, 4 epochs",
          "preset": "MiniGrid-Memory", "updates": 1, "overrides": {
              **CUE, "env.kwargs": {"delay": 2000}, "env.num_envs": 32,
