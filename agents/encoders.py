@@ -167,7 +167,7 @@ class NatureCNNEncoder(ObservationEncoder):
     ``dedupe=None`` (the default) decides per batch from its device: on for CPU tensors, off
     on a GPU. Measured with ``python -m benchmarks.run`` on the published-pixel config (rows
     ``b``, ``b-dedupe``, ``b-nodedupe``): on 2 CPU cores dedupe trains 1.6-1.9x faster; on an
-    H200 it trains 2.4x *slower*, because the CNN is cheap there and ``torch.unique`` makes
+    H200 it trains 2.4-2.6x *slower*, because the CNN is cheap there and ``torch.unique`` makes
     the host wait for the device. When images rarely repeat (natural images) the check costs
     ~5% of the CNN's time on a CPU: turn it off with ``dedupe=False`` (config
     ``model.encoder_dedupe``).

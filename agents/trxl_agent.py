@@ -120,8 +120,14 @@ class TrXLAgent(nn.Module):
 
         Distinct images count once each, however often they repeat, so a rarely seen view
         (a cue object in an unusual place) weighs as much as the corridor seen every step; it
-        also keeps the decoder's cost to the few distinct images of rendered grid worlds.
+        also keeps the decoder's cost to the few distinct images of rendered grid worlds. The
+        encoder runs again on those images (a tenth of a minibatch in MiniGrid). On a GPU
+        finding them makes the host wait for the device once per minibatch (benchmark row
+        ``b-recon`` there: 0.47x ``b``).
         """
+        if self.decoder is None:
+            raise RuntimeError("this agent has no image decoder: build it with "
+                               "reconstruction=True (config ppo.reconstruction_coef > 0)")
         images = obs.flatten(0, obs.dim() - 4)
         images = images[distinct_rows(images)[0]]
         decoded = self.decoder(self.encoder.encode_all(images))

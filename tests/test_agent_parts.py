@@ -213,9 +213,7 @@ def memory_rgb_frames():
 def test_image_decoder_gives_back_the_encoders_image_shape(shape):
     space = spaces.Box(0, 255, shape, np.uint8)
     decoder = NatureCNNDecoder(space, in_dim=16)
-    images = decoder(torch.randn(2, 16))
-    assert images.shape == (2, *shape)
-    assert images.min() >= 0 and images.max() <= 1
+    assert decoder(torch.randn(2, 16)).shape == (2, *shape)
 
 
 def test_reconstruction_loss_decodes_each_distinct_image_once_and_trains_the_cnn():
@@ -243,6 +241,8 @@ def test_reconstruction_loss_decodes_each_distinct_image_once_and_trains_the_cnn
         loss.backward()
         optimizer.step()
     assert loss.item() < 0.5 * first
+    with pytest.raises(RuntimeError, match="no image decoder"):
+        TrXLAgent(env.observation_space, env.action_space, memory).reconstruction_loss(images)
 
 
 def test_reconstruction_needs_an_image_observation_space():

@@ -31,6 +31,7 @@ from trxl_rl.checkpoint import (
     CheckpointError,
     check_spaces,
     checkpoint_name,
+    describe_space,
     load_checkpoint,
     save_checkpoint,
     space_to_dict,
@@ -409,11 +410,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"bad env.kwargs for {cfg.env.id!r}: {err}") from None
         env.close()
         if cfg.ppo.reconstruction_coef > 0 and not is_image_space(env.observation_space):
-            space = env.observation_space
+            space = describe_space(space_to_dict(env.observation_space))
             raise ConfigError(
-                f"ppo.reconstruction_coef needs image observations (uint8, (H, W, C)); "
-                f"{cfg.env.id} gives {type(space).__name__} {getattr(space, 'shape', '')} "
-                f"{getattr(space, 'dtype', '')}: set it to 0")
+                f"ppo.reconstruction_coef needs image observations (uint8 (H, W, C) with high "
+                f"255); {cfg.env.id} gives {space} (a symbolic grid has a smaller high): set "
+                f"it to 0")
         if resume is not None:
             check_spaces(resume, env.observation_space, env.action_space, cfg.env.id)
     except (ConfigError, UnknownEnvError, CheckpointError) as err:
