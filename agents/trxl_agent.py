@@ -64,7 +64,8 @@ class TrXLAgent(nn.Module):
             if not is_image_space(observation_space):
                 raise ValueError(
                     f"observation reconstruction needs an image observation space (uint8 "
-                    f"(H, W, C) with high 255), got {observation_space}"
+                    f"(H, W, C) with high 255), got {type(observation_space).__name__} of "
+                    f"shape {observation_space.shape} and dtype {observation_space.dtype}"
                 )
             self.decoder = NatureCNNDecoder(observation_space, self.encoder.output_dim)
         self.memory = TransformerXL(TrXLConfig(input_dim=self.encoder.output_dim, **memory))
