@@ -69,7 +69,7 @@ def rows(quick: bool) -> list[dict]:
          "preset": PIXELS["preset"], "updates": 1, "base": "b",
          "overrides": {**PIXELS["overrides"], "model.encoder_dedupe": False}},
         {"name": "b-recon", "what": "the MiniGrid-Memory-RGB preset: b + reconstruction loss",
-         "preset": "MiniGrid-Memory-RGB", "updates": 1, "base": "b"},
+         "preset": PIXELS["preset"], "updates": 1, "base": "b"},
         {"name": "c", "what": "long memory: M=256, 3x384, 32x512, 2,001-step episodes, 4 epochs",
          "preset": "MiniGrid-Memory", "updates": 1, "overrides": {
              **CUE, "env.kwargs": {"delay": 2000}, "env.num_envs": 32,
