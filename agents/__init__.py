@@ -1,15 +1,16 @@
 """Agents: observation encoder + memory backbone + policy/value heads."""
 
+from .agent import ActOutput, EvalOutput, MemoryAgent, build_agent
 from .distributions import action_dtype, action_shape, make_action_head
 from .encoders import make_encoder
-from .trxl_agent import ActOutput, EvalOutput, TrXLAgent
 
 __all__ = [
     "ActOutput",
     "EvalOutput",
-    "TrXLAgent",
+    "MemoryAgent",
     "action_dtype",
     "action_shape",
+    "build_agent",
     "make_action_head",
     "make_encoder",
 ]

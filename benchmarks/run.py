@@ -19,15 +19,19 @@ collection, GAE, PPO update), after one warm-up iteration that is not counted:
 Rows: ``env``, the preset's vector env alone with random actions (the ceiling for a trainer
 that steps its envs in its own process, and a gauge of how fast the host is at the moment:
 on a shared host every row moves with it); (a) the MiniGrid-Memory preset, then the same
-with 8 epochs and with the larger 2 x 128 model; (b) the published-pixel configuration
-(84x84 RGB, Nature CNN, 2 x 256, 4 heads, M=64, 16 envs x 256 steps, 3 epochs x 8 minibatches),
+with 8 epochs, with the larger 2 x 128 model and without the key/value cache of rollout
+inference (``a-nocache``: every step re-projects the whole memory), then the preset with each
+other memory backbone (``gtrxl``, ``gru``, ``lstm``, ``none``); (b) the published-pixel
+configuration (84x84 RGB, Nature CNN, 2 x 256, 4 heads, M=64, 16 envs x 256 steps, 3 epochs
+x 8 minibatches),
 then the same with the CNN run once per distinct image and on every image (``b`` itself
 dedupes on a CPU and not on a GPU: it duplicates ``b-dedupe`` on one, ``b-nodedupe`` on the
 other), and with the auxiliary observation-reconstruction loss that the MiniGrid-Memory-RGB
 preset adds to learn S9 (``b-recon``: the preset as shipped);
 (c) a long memory (M=256, 3 layers x 384, 32 envs x 512 steps, CueRecall with 2,001-step
-episodes); then scaling in M (16 -> 1024) and in episode length (100 -> 10,000 steps), and an
-endless episode (100,000 steps, no episode end) whose RSS is sampled after every update.
+episodes), with and without the key/value cache; then scaling in M (16 -> 1024) and in
+episode length (100 -> 10,000 steps), and an endless episode (100,000 steps, no episode end)
+whose RSS is sampled after every update.
 """
 
 from __future__ import annotations
@@ -59,8 +63,22 @@ def rows(quick: bool) -> list[dict]:
         {"name": "a8", "what": "the same with 8 epochs", **MINIGRID, "updates": n,
          "base": "a", "overrides": {"ppo.epochs": 8}},
         {"name": "a2x128", "what": "the same with 2 layers x 128, encoder 256", **MINIGRID,
-         "updates": n, "base": "a", "overrides": {"model.num_layers": 2, "model.dim": 128,
+         "updates": n, "base": "a", "overrides": {"model.trxl.num_layers": 2,
+                                                  "model.trxl.dim": 128,
                                                   "model.encoder_dim": 256}},
+        {"name": "a-nocache", "what": "preset, no key/value cache in rollout inference",
+         **MINIGRID, "updates": n, "base": "a", "state": {"kv_cache": False}},
+    ]
+    # The other memory backbones on the preset (their sections in configs/minigrid_memory.yaml).
+    out += [{"name": name, "what": f"preset with backbone {name}", **MINIGRID, "updates": n,
+             "base": "a", "overrides": {"model.backbone": name}}
+            for name in ("gtrxl", "gru", "lstm", "none")]
+    long_memory = {
+        **CUE, "env.kwargs": {"delay": 2000}, "env.num_envs": 32,
+        "model.trxl.memory_length": 256, "model.trxl.num_layers": 3, "model.trxl.dim": 384,
+        "model.trxl.num_heads": 6, "ppo.rollout_steps": 512, "ppo.segment_length": 64,
+        "ppo.epochs": 4, "ppo.minibatches": 8}
+    out += [
         {"name": "b", "what": "published-pixel config (84x84 RGB)", **PIXELS, "updates": 1},
         {"name": "b-dedupe", "what": "the same, CNN once per distinct image (dedupe on)",
          "preset": PIXELS["preset"], "updates": 1, "base": "b",
@@ -71,16 +89,15 @@ def rows(quick: bool) -> list[dict]:
         {"name": "b-recon", "what": "the MiniGrid-Memory-RGB preset: b + reconstruction loss",
          "preset": PIXELS["preset"], "updates": 1, "base": "b"},
         {"name": "c", "what": "long memory: M=256, 3x384, 32x512, 2,001-step episodes, 4 epochs",
-         "preset": "MiniGrid-Memory", "updates": 1, "overrides": {
-             **CUE, "env.kwargs": {"delay": 2000}, "env.num_envs": 32,
-             "model.memory_length": 256, "model.num_layers": 3, "model.dim": 384,
-             "model.num_heads": 6, "ppo.rollout_steps": 512, "ppo.segment_length": 64,
-             "ppo.epochs": 4, "ppo.minibatches": 8}},
+         "preset": "MiniGrid-Memory", "updates": 1, "overrides": long_memory},
+        {"name": "c-nocache", "what": "the same, no key/value cache in rollout inference",
+         "preset": "MiniGrid-Memory", "updates": 1, "base": "c", "overrides": long_memory,
+         "state": {"kv_cache": False}},
     ]
     # Scaling: one thing changed at a time from the preset.
     for m in (16, 64, 256) + (() if quick else (1024,)):
         out.append({"name": f"M{m}", "what": f"preset, memory_length {m}", **MINIGRID,
-                    "updates": 1, "base": "M64", "overrides": {"model.memory_length": m}})
+                    "updates": 1, "base": "M64", "overrides": {"model.trxl.memory_length": m}})
     for delay in (99, 999, 9999):
         out.append({"name": f"ep{delay + 1}", "what": f"CueRecall, {delay + 1}-step episodes",
                     **MINIGRID, "updates": 1, "base": "ep100",
@@ -107,18 +124,11 @@ def measure(spec: dict, device: str, threads: int | None) -> dict:
     import numpy as np
     import torch
 
-    from trxl_rl.agents import action_dtype, action_shape
-    from trxl_rl.config import build_config, preset_path, read_yaml
+    from trxl_rl.agents import action_dtype, action_shape, build_agent
+    from trxl_rl.config import build_config, preset_path, read_yaml, resolve_device
     from trxl_rl.envs import make_vector_env
     from trxl_rl.rollout import Rollout
-    from trxl_rl.train import (
-        Carry,
-        EpisodeLog,
-        iteration,
-        make_agent,
-        make_optimizer,
-        resolve_device,
-    )
+    from trxl_rl.train import Carry, EpisodeLog, iteration, make_optimizer
 
     if threads:
         torch.set_num_threads(threads)
@@ -131,12 +141,11 @@ def measure(spec: dict, device: str, threads: int | None) -> dict:
     envs = make_vector_env(cfg.env.id, cfg.env.num_envs, cfg.env.vectorization, replay=True,
                            **cfg.env.kwargs)
     space, act = envs.single_observation_space, envs.single_action_space
-    agent = make_agent(cfg, space, act).to(dev)
+    agent = build_agent(cfg, space, act).to(dev)
     optimizer = make_optimizer(cfg, agent)
     b, t = cfg.env.num_envs, cfg.ppo.rollout_steps
-    rollout = Rollout(t, b, space, action_shape(act), action_dtype(act), cfg.model.num_layers,
-                      cfg.model.memory_length, cfg.model.dim, dev)
-    carry = Carry(envs.reset(seed=0)[0], agent.initial_state(b),
+    rollout = Rollout(t, b, space, action_shape(act), action_dtype(act), agent.memory, dev)
+    carry = Carry(envs.reset(seed=0)[0], agent.initial_state(b, **spec.get("state", {})),
                   torch.ones(b, dtype=torch.bool, device=dev))
     shuffle = torch.Generator().manual_seed(0)
     totals = {"env": 0.0, "inference": 0.0, "update": 0.0}
@@ -161,8 +170,9 @@ def measure(spec: dict, device: str, threads: int | None) -> dict:
         "peak_rss_mib": peak_rss_mib(),
         "max_abs_first_minibatch_kl": float(np.max(np.abs(kl))),
         "steps_timed": steps,
-        "episode_steps_seen": int(rollout.positions.max()) + 1,
     }
+    if "position" in rollout.records:  # Transformer-XL backbones record each step's position
+        result["episode_steps_seen"] = int(rollout.records["position"].max()) + 1
     if dev.type == "cuda":
         result["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
     if rss_trace:

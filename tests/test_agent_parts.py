@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from gymnasium import spaces
 
+from trxl_rl import TransformerXL, TrXLConfig
 from trxl_rl.agents.distributions import (
     CategoricalHead,
     MultiCategoricalHead,
@@ -217,12 +218,14 @@ def test_image_decoder_gives_back_the_encoders_image_shape(shape):
 
 
 def test_reconstruction_loss_decodes_each_distinct_image_once_and_trains_the_cnn():
-    from trxl_rl.agents import TrXLAgent
+    from trxl_rl.agents import MemoryAgent
 
     images, env = memory_rgb_frames()
     torch.manual_seed(0)
-    memory = {"dim": 32, "num_layers": 1, "num_heads": 2, "memory_length": 4}
-    agent = TrXLAgent(env.observation_space, env.action_space, memory, encoder_dim=32,
+    def memory(input_dim):
+        return TransformerXL(TrXLConfig(input_dim=input_dim, dim=32, num_layers=1, num_heads=2,
+                                        memory_length=4))
+    agent = MemoryAgent(env.observation_space, env.action_space, memory, encoder_dim=32,
                       reconstruction=True)
     decoded_sizes = []
     agent.decoder.register_forward_hook(lambda m, inputs, out: decoded_sizes.append(len(out)))
@@ -242,15 +245,17 @@ def test_reconstruction_loss_decodes_each_distinct_image_once_and_trains_the_cnn
         optimizer.step()
     assert loss.item() < 0.5 * first
     with pytest.raises(RuntimeError, match="no image decoder"):
-        TrXLAgent(env.observation_space, env.action_space, memory).reconstruction_loss(images)
+        MemoryAgent(env.observation_space, env.action_space, memory).reconstruction_loss(images)
 
 
 def test_reconstruction_needs_an_image_observation_space():
-    from trxl_rl.agents import TrXLAgent
+    from trxl_rl.agents import MemoryAgent
 
-    memory = {"dim": 32, "num_layers": 1, "num_heads": 2, "memory_length": 4}
+    def memory(input_dim):
+        return TransformerXL(TrXLConfig(input_dim=input_dim, dim=32, num_layers=1, num_heads=2,
+                                        memory_length=4))
     with pytest.raises(ValueError, match="needs an image observation space"):
-        TrXLAgent(SYMBOLIC_GRID, spaces.Discrete(3), memory, reconstruction=True)
+        MemoryAgent(SYMBOLIC_GRID, spaces.Discrete(3), memory, reconstruction=True)
 
 
 def test_discrete_observation_is_one_hot_encoded_from_its_start():

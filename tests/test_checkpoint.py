@@ -67,7 +67,11 @@ def assert_same_training_state(a: dict, b: dict) -> None:
             assert torch.equal(state_a[param][name], state_b[param][name]), (param, name)
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
     assert torch.equal(a["shuffle"], b["shuffle"])
-    assert torch.equal(a["carry"]["memory"]["hidden"], b["carry"]["memory"]["hidden"])
+    memory_a, memory_b = a["carry"]["memory"], b["carry"]["memory"]
+    assert memory_a["records"].keys() == memory_b["records"].keys()
+    for name in memory_a["records"]:
+        assert torch.equal(memory_a["records"][name], memory_b["records"][name]), name
+    assert torch.equal(memory_a["valid"], memory_b["valid"])
     assert torch.equal(a["carry"]["obs"], b["carry"]["obs"])
 
 
@@ -78,7 +82,8 @@ def test_loaded_agent_acts_and_values_exactly_like_the_saved_one(run_a, tmp_path
     checkpoint = load_checkpoint(path)
     agent = trxl_rl.load_agent(path)
     assert not agent.training
-    assert agent.train_config.model.memory_length == 4
+    assert agent.train_config.model.backbone == "trxl"
+    assert agent.train_config.model.trxl["memory_length"] == 4
     saved = {k: v for k, v in agent.state_dict().items()}
     for key, value in checkpoint["model"].items():
         assert torch.equal(saved[key], value)
@@ -136,7 +141,10 @@ def test_checkpoints_hold_everything_the_issue_lists(run_a):
     assert checkpoint["counters"] == {"global_step": 64, "update": 2}
     assert checkpoint["spaces"]["action"] == {"type": "Discrete", "n": 3, "start": 0}
     assert checkpoint["config"]["env"]["id"] == "MiniGrid-MemoryS9-v0"
-    assert checkpoint["carry"]["memory"]["hidden"].shape == (2, 2, 4, 32)
+    assert checkpoint["config"]["model"]["backbone"] == "trxl"
+    records = checkpoint["carry"]["memory"]["records"]
+    assert records["hidden"].shape == (2, 4, 2, 32)  # [B, M, L, D]
+    assert records["position"].shape == checkpoint["carry"]["memory"]["valid"].shape == (2, 4)
 
 
 # --- atomic writes ---------------------------------------------------------------------------
@@ -267,6 +275,57 @@ def test_resumed_run_equals_uninterrupted_run_bit_for_bit(run_a, tmp_path, vecto
     assert_same_training_state(reference, load_checkpoint(tmp_path / "b"))
 
 
+@pytest.mark.parametrize("backbone", ["gru", "lstm", "none", "gtrxl"])
+def test_every_backbone_resumes_bit_for_bit_and_loads_for_evaluation(tmp_path, backbone):
+    """Checkpoints record the backbone and carry its memory: 2 updates == 1 + resume + 1."""
+    reference_stats = []
+    train(small_config(log_dir=str(tmp_path), run_name="a", checkpoint_every=1,
+                       **{"model.backbone": backbone}),
+          on_update=lambda u, s: reference_stats.append(s))
+    with pytest.raises(TrainingInterrupted):
+        train(small_config(log_dir=str(tmp_path), run_name="b", **{"model.backbone": backbone}),
+              on_update=interrupt_after(1))
+    checkpoint = load_checkpoint(tmp_path / "b", resume=True)
+    assert checkpoint["config"]["model"]["backbone"] == backbone
+    resumed = []
+    train(resume_config(checkpoint, {}), on_update=lambda u, s: resumed.append(s),
+          resume=checkpoint)
+    assert resumed[0]["losses/policy_loss"] == reference_stats[1]["losses/policy_loss"]
+    assert_same_training_state(load_checkpoint(tmp_path / "a"), load_checkpoint(tmp_path / "b"))
+    agent = trxl_rl.load_agent(tmp_path / "a")
+    assert agent.train_config.model.backbone == backbone
+    out = agent.act(torch.zeros(2, 3, 3, 3, dtype=torch.uint8), agent.initial_state(2),
+                    torch.ones(2, dtype=torch.bool), deterministic=True)
+    assert out.action.shape == (2,)
+
+
+def format_2(data: dict) -> None:
+    """Rewrite a Transformer-XL checkpoint of format 3 as format 2 wrote it: the TrXL fields
+    directly under ``model`` and the carried memory as ``MemoryState`` fields."""
+    model = data["config"]["model"]
+    for key, value in model.pop("trxl").items():
+        model[key] = value
+    for key in ("backbone", "gtrxl", "gru", "lstm", "custom"):
+        del model[key]
+    memory = data["carry"]["memory"]
+    records, valid = memory["records"], memory["valid"]
+    data["carry"]["memory"] = {"hidden": records["hidden"].transpose(1, 2), "valid": valid,
+                               "position": torch.where(valid[:, -1], records["position"][:, -1]
+                                                       + 1, 0)}
+    data["format_version"] = 2
+
+
+def test_format_2_checkpoints_evaluate_and_resume_as_trxl(run_a, tmp_path):
+    old = write_variant(latest_checkpoint(run_a[0]).with_name("update_0000001.pt"),
+                        tmp_path / "b" / "checkpoints" / "update_0000001.pt", format_2)
+    agent = trxl_rl.load_agent(old)
+    assert agent.train_config.model.backbone == "trxl"
+    assert agent.train_config.model.trxl["memory_length"] == 4
+    checkpoint = load_checkpoint(old, resume=True)
+    train(resume_config(checkpoint, {}), resume=checkpoint)
+    assert_same_training_state(load_checkpoint(run_a[0]), load_checkpoint(tmp_path / "b"))
+
+
 def test_cli_resume_continues_counters_schedules_and_tensorboard(run_a, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -294,8 +353,8 @@ def test_resume_of_a_finished_run_only_writes_its_summary(run_a, tmp_path):
 @pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_during_training_saves_a_checkpoint_then_exits(tmp_path, signum, code):
     args = ["--env", "MiniGrid-MemoryS9-v0", "--env.kwargs", "{max_steps: 12}",
-            "--env.num_envs", "2", "--model.dim", "32", "--model.num_heads", "2",
-            "--model.memory_length", "4", "--ppo.rollout_steps", "16",
+            "--env.num_envs", "2", "--model.trxl.dim", "32", "--model.trxl.num_heads", "2",
+            "--model.trxl.memory_length", "4", "--ppo.rollout_steps", "16",
             "--ppo.segment_length", "8", "--ppo.minibatches", "2", "--ppo.epochs", "1",
             "--total-steps", "10000000", "--checkpoint_every", "1", "--progress", "false",
             "--eval_episodes", "0", "--log_dir", str(tmp_path), "--run-name", "r"]
@@ -412,6 +471,7 @@ def test_checkpoint_whose_optimizer_does_not_fit_is_evaluated_not_resumed(run_a,
 def test_format_1_checkpoints_load_for_evaluation_but_cannot_be_resumed(run_a, tmp_path,
                                                                         capsys):
     def old(data):
+        format_2(data)  # the same model layout
         data["format_version"] = 1
         for key in ("rng", "shuffle", "carry", "envs"):
             del data[key]

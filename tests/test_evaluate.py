@@ -12,19 +12,20 @@ import pytest
 import torch
 
 from trxl_rl import TransformerXL, TrXLConfig
+from trxl_rl.agents import build_agent
 from trxl_rl.checkpoint import latest_checkpoint, save_checkpoint, space_to_dict
 from trxl_rl.config import config_to_dict
 from trxl_rl.envs import make_env
 from trxl_rl.evaluate import AttentionRecorder, main
-from trxl_rl.train import make_agent, train
+from trxl_rl.train import train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_checkpoint import assert_one_line_error, bad_checkpoints, snapshot  # noqa: E402
 from test_train import small_config  # noqa: E402
 
 JSON_FIELDS = {"checkpoint", "update", "global_step", "env", "env_kwargs", "seed",
-               "deterministic", "memory_length", "episodes", "success_rate", "success_ci95",
-               "return_mean", "return_median", "length_mean", "length_median"}
+               "backbone", "deterministic", "memory_length", "episodes", "success_rate",
+               "success_ci95", "return_mean", "return_median", "length_mean", "length_median"}
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def untrained_checkpoint(path: Path, **overrides) -> Path:
     """A checkpoint of a freshly initialised agent for ``small_config(**overrides)``."""
     cfg = small_config(**overrides)
     env = make_env(cfg.env.id, **cfg.env.kwargs)
-    agent = make_agent(cfg, env.observation_space, env.action_space)
+    agent = build_agent(cfg, env.observation_space, env.action_space)
     return save_checkpoint(path, {
         "model": agent.state_dict(), "config": config_to_dict(cfg),
         "spaces": {"observation": space_to_dict(env.observation_space),
@@ -125,6 +126,16 @@ def test_evaluate_on_a_larger_env_with_a_longer_memory(trained, tmp_path, capsys
     assert report["checkpoint"] == str(trained)
 
 
+@pytest.mark.parametrize("backbone", ["gru", "lstm", "none"])
+def test_evaluate_runs_every_backbone(tmp_path, backbone, capsys):
+    path = untrained_checkpoint(tmp_path / "untrained.pt", **{"model.backbone": backbone})
+    assert main([str(path), "--episodes", "3", "--json", str(tmp_path / "eval.json")]) == 0
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["backbone"] == backbone and report["memory_length"] is None
+    assert report["episodes"] == 3
+    assert f"stochastic, {backbone}, seed" in capsys.readouterr().out
+
+
 def test_same_seed_gives_the_same_evaluation(trained, tmp_path):
     reports = []
     for i in range(2):
@@ -139,7 +150,8 @@ def bad_cases(trained: Path, root: Path) -> dict:
     cases = {name: ([str(path)], needle)
              for name, (path, needle) in bad_checkpoints(trained, root / "bad").items()}
     learned = untrained_checkpoint(root / "learned.pt",
-                                   **{"model.positional_encoding": "learned"})
+                                   **{"model.trxl.positional_encoding": "learned"})
+    gru = untrained_checkpoint(root / "gru.pt", **{"model.backbone": "gru"})
     cue = untrained_checkpoint(root / "cue.pt", **{"env.id": "trxl_rl/CueRecall-v0",
                                                    "env.kwargs": {}})
     cases.update({
@@ -157,6 +169,11 @@ def bad_cases(trained: Path, root: Path) -> dict:
                                                "--env-kwargs"),
         "learned encoding, longer memory": ([str(learned), "--memory-length", "8"],
                                             "cannot run with memory_length 8"),
+        "memory length of a GRU": ([str(gru), "--memory-length", "8"],
+                                   "--memory-length applies to Transformer-XL backbones"),
+        "attention of a GRU": ([str(gru), "--attention", str(root / "gru.png")],
+                               "--attention applies to Transformer-XL backbones (trxl, gtrxl); "
+                               "this agent's backbone is 'gru'"),
         "video format": ([str(trained), "--video", str(root / "out.avi")],
                          "--video must end in .gif or .mp4"),
         "env cannot render": ([str(cue), "--video", str(root / "out.gif")],

@@ -1,6 +1,8 @@
 """Specification of the Transformer-XL memory encoder (DESIGN.md, "Public contract")."""
 
 import itertools
+import subprocess
+import sys
 import zlib
 
 import pytest
@@ -193,34 +195,60 @@ def test_learned_encoding_refuses_a_different_memory_length():
         model.initial_state(2, memory_length=8)
 
 
-def test_stale_key_value_cache_is_rebuilt_after_an_optimizer_step():
-    for fused in (False, True):
-        model = make_model(memory_length=8)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, fused=fused)
-        torch.manual_seed(5)
-        x = torch.randn(3, 12, INPUT_DIM)
-        starts = torch.zeros(3, 12, dtype=torch.bool)
-        with torch.no_grad():
-            _, state = run_steps(model, x[:, :11], starts[:, :11])
-        stale_keys = state.keys
+@pytest.mark.parametrize("fused", [False, True])
+def test_stale_key_value_cache_is_rebuilt_after_an_optimizer_step(fused):
+    """A non-fused step bumps the parameters' version counters; a fused one does not, so its
+    optimizer tells the model (the trainer registers this hook on its own optimizer)."""
+    model = make_model(memory_length=8)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, fused=fused)
+    if fused:
+        optimizer.register_step_post_hook(lambda *_: model.weights_changed())
+    torch.manual_seed(5)
+    x = torch.randn(3, 12, INPUT_DIM)
+    starts = torch.zeros(3, 12, dtype=torch.bool)
+    with torch.no_grad():
+        _, state = run_steps(model, x[:, :11], starts[:, :11])
+    stale_keys = state.keys
 
-        loss = model(x, model.initial_state(3), starts)[0].square().mean()
-        loss.backward()
-        optimizer.step()
+    loss = model(x, model.initial_state(3), starts)[0].square().mean()
+    loss.backward()
+    optimizer.step()
 
-        with torch.no_grad():
-            y_cached, new_state = model.step(x[:, 11], state, starts[:, 11])
-            rebuilt = MemoryState(hidden=state.hidden, valid=state.valid,
-                                  position=state.position, use_cache=False)
-            y_rebuilt, _ = model.step(x[:, 11], rebuilt, starts[:, 11])
-            # What a stale cache would give: the test would catch it.
-            forced = MemoryState(hidden=state.hidden, valid=state.valid, position=state.position,
-                                 keys=stale_keys, values=state.values, pos_keys=state.pos_keys,
-                                 cache_tag=model.weights_tag())
-            y_stale, _ = model.step(x[:, 11], forced, starts[:, 11])
-        assert torch.allclose(y_cached, y_rebuilt, atol=1e-6)
-        assert not torch.allclose(y_stale, y_rebuilt, atol=1e-3)
-        assert new_state.cache_tag == model.weights_tag()
+    with torch.no_grad():
+        y_cached, new_state = model.step(x[:, 11], state, starts[:, 11])
+        rebuilt = MemoryState(hidden=state.hidden, valid=state.valid,
+                              position=state.position, use_cache=False)
+        y_rebuilt, _ = model.step(x[:, 11], rebuilt, starts[:, 11])
+        # What a stale cache would give: the test would catch it.
+        forced = MemoryState(hidden=state.hidden, valid=state.valid, position=state.position,
+                             keys=stale_keys, values=state.values, pos_keys=state.pos_keys,
+                             cache_tag=model.weights_tag())
+        y_stale, _ = model.step(x[:, 11], forced, starts[:, 11])
+    assert torch.allclose(y_cached, y_rebuilt, atol=1e-6)
+    assert not torch.allclose(y_stale, y_rebuilt, atol=1e-3)
+    assert new_state.cache_tag == model.weights_tag()
+
+
+def test_weights_changed_invalidates_the_cache_of_its_own_model_only():
+    model, other = make_model(seed=0), make_model(seed=0)
+    x = torch.randn(2, 4, INPUT_DIM)
+    starts = torch.zeros(2, 4, dtype=torch.bool)
+    with torch.no_grad():
+        _, state = run_steps(model, x, starts)
+        _, other_state = run_steps(other, x, starts)
+    tag, other_tag = model.weights_tag(), other.weights_tag()
+    model.weights_changed()
+    assert model.weights_tag() != tag and other.weights_tag() == other_tag
+    assert state.cache_tag == tag and other_state.cache_tag == other_tag
+
+
+def test_importing_trxl_rl_changes_no_optimizer_of_the_process():
+    code = ("import torch.optim.optimizer as o; before = (len(o._global_optimizer_pre_hooks), "
+            "len(o._global_optimizer_post_hooks)); import trxl_rl, trxl_rl.train; "
+            "after = (len(o._global_optimizer_pre_hooks), len(o._global_optimizer_post_hooks)); "
+            "assert before == after, (before, after)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
 
 
 def test_cache_is_also_rebuilt_after_load_state_dict():
@@ -285,6 +313,23 @@ def test_memory_state_rows_detach_and_to():
     assert rows.keys[0].shape == (2, 4, 7, 4)
     assert torch.equal(rows.hidden, state.hidden[[0, 2]])
     assert state.detach().to(dtype=torch.bfloat16).hidden.dtype == torch.bfloat16
+
+
+def test_memory_state_to_another_dtype_keeps_stepping_as_a_fresh_state_of_that_dtype():
+    model = make_model()
+    x = torch.randn(2, 7, INPUT_DIM)
+    starts = torch.zeros(2, 7, dtype=torch.bool)
+    with torch.no_grad():
+        _, state = run_steps(model, x[:, :6], starts[:, :6])  # float32, with a cache
+        converted = state.to(dtype=torch.bfloat16)
+        y, after = model.step(x[:, 6], converted, starts[:, 6])
+        uncached = MemoryState(hidden=state.hidden.to(torch.bfloat16), valid=state.valid,
+                               position=state.position, use_cache=False)
+        expected, _ = model.step(x[:, 6], uncached, starts[:, 6])
+    assert converted.keys is None  # the float32 cache does not match bfloat16 storage
+    assert after.hidden.dtype == torch.bfloat16
+    assert torch.equal(y, expected)
+    assert state.to("cpu").keys is not None  # a move keeps the cache
 
 
 @pytest.mark.parametrize("kwargs,argument", [

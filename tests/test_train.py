@@ -11,12 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from trxl_rl.agents import action_dtype, action_shape
+from trxl_rl.agents import action_dtype, action_shape, build_agent
+from trxl_rl.backbones import NoMemory
 from trxl_rl.config import build_config, preset_path, read_yaml
 from trxl_rl.envs import make_env, make_vector_env
 from trxl_rl.ppo import ppo_update
 from trxl_rl.rollout import Rollout
-from trxl_rl.train import Carry, EpisodeLog, collect, main, make_agent, train
+from trxl_rl.train import Carry, EpisodeLog, collect, main, train
+
+BACKBONES = ("trxl", "gtrxl", "gru", "lstm", "none")
 
 CPU = torch.device("cpu")
 
@@ -24,23 +27,26 @@ CPU = torch.device("cpu")
 def small_config(**overrides):
     base = {
         "env": {"id": "MiniGrid-MemoryS9-v0", "kwargs": {"max_steps": 12}, "num_envs": 2},
-        "model": {"dim": 32, "num_layers": 2, "num_heads": 2, "memory_length": 4},
+        "model": {"trxl": {"dim": 32, "num_layers": 2, "num_heads": 2, "memory_length": 4},
+                  "gtrxl": {"dim": 32, "num_layers": 2, "num_heads": 2, "memory_length": 4},
+                  "gru": {"hidden_size": 32, "num_layers": 2},
+                  "lstm": {"hidden_size": 32, "num_layers": 2}},
         "ppo": {"rollout_steps": 16, "segment_length": 8, "minibatches": 2, "epochs": 2},
         "total_steps": 64, "progress": False, "eval_episodes": 0, "checkpoint_every": 1000,
     }
     return build_config(base, overrides)
 
 
-def collect_once(cfg, seed=0):
-    """One real rollout with a fresh agent; returns (agent, envs, rollout, actions)."""
+def collect_once(cfg, seed=0, **state_options):
+    """One real rollout with a fresh agent; returns (agent, rollout)."""
     torch.manual_seed(seed)
     envs = make_vector_env(cfg.env.id, cfg.env.num_envs, **cfg.env.kwargs)
     space, act = envs.single_observation_space, envs.single_action_space
-    agent = make_agent(cfg, space, act).eval()
+    agent = build_agent(cfg, space, act).eval()
     rollout = Rollout(cfg.ppo.rollout_steps, cfg.env.num_envs, space, action_shape(act),
-                      action_dtype(act), cfg.model.num_layers, cfg.model.memory_length,
-                      cfg.model.dim)
-    carry = Carry(envs.reset(seed=seed)[0], agent.initial_state(cfg.env.num_envs),
+                      action_dtype(act), agent.memory)
+    carry = Carry(envs.reset(seed=seed)[0],
+                  agent.initial_state(cfg.env.num_envs, **state_options),
                   torch.ones(cfg.env.num_envs, dtype=torch.bool))
     collect(agent, envs, rollout, carry, CPU, EpisodeLog())
     envs.close()
@@ -114,7 +120,7 @@ def test_terminated_episodes_are_not_bootstrapped():
 
 def test_gae_bootstraps_truncation_and_stops_at_termination():
     space = make_env("trxl_rl/CueRecall-v0").observation_space
-    rollout = Rollout(3, 1, space, (), torch.int64, 1, 0, 4)
+    rollout = Rollout(3, 1, space, (), torch.int64, NoMemory(4))
     rollout.values[:, 0] = torch.tensor([1.0, 2.0, 3.0])
     rollout.rewards[:, 0] = torch.tensor([0.5, 1.0, 0.0])
     rollout.dones[:, 0] = torch.tensor([1.0, 0.0, 1.0])  # step 0 truncated, step 2 terminated
@@ -129,16 +135,7 @@ def test_gae_bootstraps_truncation_and_stops_at_termination():
     assert torch.allclose(rollout.returns[:, 0], expected + rollout.values[:, 0])
 
 
-@pytest.mark.parametrize("segment_length,memory_length,encoding", [
-    (1, 4, "relative"), (8, 4, "relative"), (1, 16, "relative"), (8, 16, "relative"),
-    (8, 16, "absolute"), (8, 16, "learned")])
-def test_first_minibatch_approx_kl_is_zero_on_a_real_minigrid_run(tmp_path, segment_length,
-                                                                   memory_length, encoding):
-    cfg = small_config(**{"ppo.segment_length": segment_length,
-                          "model.positional_encoding": encoding,
-                          "model.memory_length": memory_length, "total_steps": 96,
-                          "ppo.learning_rate": 0.01,
-                          "log_dir": str(tmp_path)})
+def assert_first_minibatch_reproduces_the_rollout(cfg):
     seen = []
     train(cfg, on_update=lambda update, stats: seen.append(stats))
     assert len(seen) == 3  # memory is carried across rollouts and episodes end inside them
@@ -147,6 +144,40 @@ def test_first_minibatch_approx_kl_is_zero_on_a_real_minigrid_run(tmp_path, segm
         assert stats["losses/first_minibatch_max_logprob_error"] <= 1e-5
         assert stats["losses/first_minibatch_max_value_error"] <= 1e-5
         assert stats["losses/approx_kl"] > 1e-6  # later minibatches did move the policy
+
+
+@pytest.mark.parametrize("segment_length,memory_length,encoding", [
+    (1, 4, "relative"), (8, 4, "relative"), (1, 16, "relative"), (8, 16, "relative"),
+    (8, 16, "absolute"), (8, 16, "learned"), (8, 0, "absolute")])
+def test_first_minibatch_approx_kl_is_zero_on_a_real_minigrid_run(tmp_path, segment_length,
+                                                                   memory_length, encoding):
+    assert_first_minibatch_reproduces_the_rollout(small_config(**{
+        "ppo.segment_length": segment_length, "model.trxl.positional_encoding": encoding,
+        "model.trxl.memory_length": memory_length, "total_steps": 96,
+        "ppo.learning_rate": 0.01, "log_dir": str(tmp_path)}))
+
+
+@pytest.mark.parametrize("segment_length", [1, 8, 32])
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_first_minibatch_reproduces_the_rollout_for_every_backbone(tmp_path, backbone,
+                                                                   segment_length):
+    # 12-step episodes: episodes start inside segments of 32 and of 8, and rollouts of 32.
+    assert_first_minibatch_reproduces_the_rollout(small_config(**{
+        "model.backbone": backbone, "ppo.segment_length": segment_length,
+        "ppo.rollout_steps": 32, "total_steps": 192, "ppo.learning_rate": 0.01,
+        "log_dir": str(tmp_path)}))
+
+
+def test_a_bfloat16_memory_is_stored_and_recomputed_as_the_agent_used_it():
+    cfg = small_config(**{"model.trxl.memory_length": 8})
+    agent, rollout = collect_once(cfg, seed=2, dtype=torch.bfloat16)
+    assert rollout.records["hidden"].dtype == torch.bfloat16
+    rollout.compute_returns(torch.zeros(cfg.env.num_envs), cfg.ppo.gamma, cfg.ppo.gae_lambda)
+    stats = ppo_update(agent.train(), torch.optim.Adam(agent.parameters(), lr=1e-3), rollout,
+                       cfg.ppo, 0.0)
+    # Rounded as in the rollout: float32 error, not bfloat16's (~1e-3 when stored as float32).
+    assert stats["losses/first_minibatch_max_value_error"] <= 1e-5
+    assert stats["losses/first_minibatch_max_logprob_error"] <= 1e-5
 
 
 @pytest.mark.parametrize("coef", [0.0, 1.0])
@@ -175,10 +206,13 @@ def test_seeded_cpu_runs_are_reproducible(tmp_path):
     assert runs[0] == runs[1]
 
 
-@pytest.mark.parametrize("memory_length,succeeds", [(16, True), (0, False)])
-def test_cue_recall_is_learned_with_memory_and_not_without(tmp_path, memory_length, succeeds):
+@pytest.mark.parametrize("backbone,overrides,succeeds", [
+    ("trxl", {}, True), ("gtrxl", {}, True), ("gru", {}, True), ("lstm", {}, True),
+    ("none", {}, False), ("trxl", {"model.trxl.memory_length": 0}, False)])
+def test_cue_recall_is_learned_with_memory_and_not_without(tmp_path, backbone, overrides,
+                                                           succeeds):
     cfg = build_config(read_yaml(preset_path("CueRecall")), {
-        "model.memory_length": memory_length, "log_dir": str(tmp_path), "progress": False,
+        "model.backbone": backbone, **overrides, "log_dir": str(tmp_path), "progress": False,
         "seed": 1})
     summary = train(cfg)
     if succeeds:
@@ -205,8 +239,17 @@ def test_cli_unknown_env_suggests_close_names_and_exits_2_without_traceback(tmp_
     (["--ppo.learning_rat", "1e-3"], "unknown config key 'ppo.learning_rat'"),
     (["--ppo.epochs", "two"], "ppo.epochs must be int"),
     (["--ppo.segment_length", "48"], "must divide ppo.rollout_steps"),
-    (["--model.num_heads", "3"], "model.dim (64) must be divisible by num_heads"),
-    (["--model.memory_length", "-1"], "model.memory_length must be >= 0"),
+    (["--model.trxl.num_heads", "3"], "model.trxl: dim (64) must be divisible by num_heads"),
+    (["--model.trxl.memory_length", "-1"], "model.trxl: memory_length must be an integer >= 0"),
+    (["--model.memory_length", "8"], "unknown config key 'model.memory_length' (moved to "
+                                     "model.trxl.memory_length)"),
+    (["--model.backbone", "transformer"], "model.backbone: unknown backbone 'transformer'"),
+    (["--model.gru.hidden_size", "8"], "--model.gru.hidden_size does not apply: this run's "
+                                       "backbone is 'trxl'"),
+    (["--model.backbone", "gru", "--model.gru.hidden", "8"], "model.gru: unknown field "
+                                                             "'hidden'"),
+    (["--model.backbone", "lstm", "--model.lstm.hidden_size", "0"], "model.lstm: hidden_size"),
+    (["--model.backbone", "gtrxl", "--model.gtrxl.gating", "false"], "gating is fixed"),
     (["--config", "/nonexistent.yaml"], "not found"),
     (["--env.kwargs.obs", "pixels"], "obs"),
     (["--ppo.epochs"], "cannot parse argument"),
@@ -226,7 +269,8 @@ def test_cli_help_lists_options_and_overrides():
     result = run_cli("--help")
     assert result.returncode == 0
     for needle in ("--env", "--config", "--seed", "--total-steps", "--device", "--run-name",
-                   "--ppo.learning_rate", "--model.memory_length", "MiniGrid-Memory"):
+                   "--ppo.learning_rate", "--model.backbone", "--model.trxl.FIELD",
+                   "MiniGrid-Memory"):
         assert needle in result.stdout
 
 

@@ -1,12 +1,15 @@
 """trxl_rl: PPO agents with a Transformer-XL memory for partially observable environments.
 
-``import trxl_rl`` loads the memory encoder only (torch); the trainer, environments and
-agents live in submodules (``trxl_rl.train``, ``trxl_rl.envs``, ``trxl_rl.agents``).
+``import trxl_rl`` loads the memory encoder and the other memory backbones only (torch); the
+trainer, environments and agents live in submodules (``trxl_rl.train``, ``trxl_rl.envs``,
+``trxl_rl.agents``).
 """
 
-from trxl_rl.memory import MemoryState, TransformerXL, TrXLConfig
+from trxl_rl.backbones import register_backbone
+from trxl_rl.memory import MemoryBackbone, MemoryState, TransformerXL, TrXLConfig
 
-__all__ = ["MemoryState", "TransformerXL", "TrXLConfig", "load_agent"]
+__all__ = ["MemoryBackbone", "MemoryState", "TransformerXL", "TrXLConfig", "load_agent",
+           "register_backbone"]
 
 
 def load_agent(path, device="cpu"):

@@ -11,9 +11,13 @@ one never runs code from the file:
   :mod:`trxl_rl.resume`): ``rng`` (torch / CUDA / numpy / python states), ``shuffle`` (the
   minibatch generator), ``carry`` (each env's current observation, episode-start flag and
   memory) and ``envs`` (each env as seed + actions, see :mod:`trxl_rl.envs.replay`).
+- since format 3, the config names the memory backbone (``model.backbone``, with the
+  Transformer-XL's fields in ``model.trxl``) and ``carry`` holds each env's memory as the
+  backbone's history (records and valid slots, see :class:`trxl_rl.memory.MemoryBackbone`).
 
 Format 1 files (written before the training state was added) load for evaluation and
-:func:`load_agent`, but cannot be resumed.
+:func:`load_agent`, but cannot be resumed. Formats 1 and 2 (Transformer-XL only, its fields
+directly under ``model``) are read as ``model.backbone: trxl``.
 """
 
 from __future__ import annotations
@@ -29,9 +33,15 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
-FORMAT_VERSION = 2
-READABLE_FORMATS = (1, 2)
-RESUMABLE_FORMATS = (2,)
+from trxl_rl.agents import MemoryAgent, build_agent
+from trxl_rl.config import ConfigError, TrainConfig, build_config
+
+FORMAT_VERSION = 3
+READABLE_FORMATS = (1, 2, 3)
+RESUMABLE_FORMATS = (2, 3)
+# The Transformer-XL fields that formats 1 and 2 kept directly under ``model``.
+_TRXL_FIELDS_BEFORE_3 = ("dim", "num_layers", "num_heads", "memory_length",
+                         "positional_encoding", "gating", "norm", "ff_dim", "gate_bias")
 
 
 class CheckpointError(ValueError):
@@ -215,12 +225,17 @@ def check_spaces(checkpoint: dict, observation_space: spaces.Space,
             )
 
 
-def config_from_checkpoint(checkpoint: dict):
+def config_from_checkpoint(checkpoint: dict) -> TrainConfig:
     """The :class:`trxl_rl.config.TrainConfig` a checkpoint was trained with."""
-    from trxl_rl.config import ConfigError, build_config
-
+    config = checkpoint["config"]
+    if checkpoint["format_version"] < 3 and isinstance(config.get("model"), dict):
+        model = dict(config["model"])
+        trxl = {key: model.pop(key) for key in _TRXL_FIELDS_BEFORE_3 if key in model}
+        # Before format 3 a missing encoder_dim meant the encoder's default.
+        model.setdefault("encoder_dim", None)
+        config = {**config, "model": {**model, "backbone": "trxl", "trxl": trxl}}
     try:
-        return build_config(checkpoint["config"])
+        return build_config(config)
     except (ConfigError, TypeError, AttributeError) as err:
         raise CheckpointError(
             f"{checkpoint.get('path', 'checkpoint')!r} holds a config this trxl_rl cannot "
@@ -228,14 +243,16 @@ def config_from_checkpoint(checkpoint: dict):
         ) from None
 
 
-def agent_from_checkpoint(checkpoint: dict, device: str | torch.device = "cpu"):
+def agent_from_checkpoint(checkpoint: dict, device: str | torch.device = "cpu"
+                          ) -> MemoryAgent:
     """Rebuild the trained agent (eval mode, on ``device``) from a loaded checkpoint."""
-    from trxl_rl.train import make_agent
-
     cfg = config_from_checkpoint(checkpoint)
     obs_space = space_from_dict(checkpoint["spaces"]["observation"])
     act_space = space_from_dict(checkpoint["spaces"]["action"])
-    agent = make_agent(cfg, obs_space, act_space)
+    try:
+        agent = build_agent(cfg, obs_space, act_space)
+    except ValueError as err:
+        raise CheckpointError(f"{checkpoint.get('path', 'checkpoint')!r}: {err}") from None
     load_weights(agent, checkpoint)
     return agent.to(device).eval()
 
@@ -255,8 +272,8 @@ def load_weights(agent: torch.nn.Module, checkpoint: dict) -> None:
         ) from None
 
 
-def load_agent(path: str | Path, device: str | torch.device = "cpu"):
-    """A trained policy, ready to act: :class:`trxl_rl.agents.TrXLAgent` in eval mode.
+def load_agent(path: str | Path, device: str | torch.device = "cpu") -> MemoryAgent:
+    """A trained policy, ready to act: :class:`trxl_rl.agents.MemoryAgent` in eval mode.
 
     >>> agent = load_agent("runs/my_run")                # newest checkpoint of a run
     >>> state = agent.initial_state(num_envs)            # or memory_length=M2 (not "learned")

@@ -3,7 +3,8 @@
 A preset (``configs/*.yaml``, shipped inside the package as ``trxl_rl.configs``) holds any
 subset of the fields below; unknown keys and ill-typed values are errors
 (:class:`ConfigError`), never silently ignored. Command-line overrides use dotted names:
-``--ppo.learning_rate 1e-3``, ``--model.memory_length 0``, ``--env.kwargs.obs rgb``.
+``--ppo.learning_rate 1e-3``, ``--model.trxl.memory_length 0``, ``--env.kwargs.obs rgb``.
+Mappings (``env.kwargs`` and the backbone sections ``model.trxl`` ...) merge key by key.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 
@@ -36,31 +38,55 @@ class EnvConfig:
     vectorization: str = "sync"
 
 
+# The trainer's defaults for each backbone's section (what the MiniGrid-Memory preset uses).
+TRXL_DEFAULTS = {"dim": 64, "num_layers": 1, "num_heads": 4, "memory_length": 64}
+RNN_DEFAULTS = {"hidden_size": 128, "num_layers": 1}
+
+
 @dataclass
 class ModelConfig:
-    """Agent = observation encoder -> Transformer-XL memory -> policy and value heads.
+    """Agent = observation encoder -> memory backbone -> policy and value heads.
 
+    :param backbone: ``trxl`` (Transformer-XL), ``gtrxl`` (with GTrXL gating), ``gru``,
+        ``lstm``, ``none`` (no memory: the control), or a name registered with
+        :func:`trxl_rl.backbones.register_backbone`.
     :param encoder_dim: encoder output size (None: the encoder's default).
     :param encoder_dedupe: image encoders run their CNN once per distinct image of a batch
         (the same function up to float rounding; a large saving for rendered grid worlds on
         a CPU, a loss on a GPU; see ``NatureCNNEncoder``). None (default): on CPU only.
-    The other fields are those of :class:`trxl_rl.TrXLConfig`."""
+    :param trxl: fields of :class:`trxl_rl.TrXLConfig` (but ``input_dim``) for ``trxl``.
+    :param gtrxl: the same for ``gtrxl`` (``gating`` is always on).
+    :param gru: fields of :class:`trxl_rl.backbones.RecurrentConfig` (``hidden_size``,
+        ``num_layers``) for ``gru``; ``lstm`` likewise.
+    :param custom: keyword arguments of a registered backbone's factory.
 
-    encoder_dim: int | None = None
+    Only the section of the chosen backbone is used. A file may hold sections of several
+    backbones (a preset that runs with each); an override of another backbone's section on
+    the command line is an error, since it would change nothing.
+    """
+
+    backbone: str = "trxl"
+    encoder_dim: int | None = 64
     encoder_dedupe: bool | None = None
-    dim: int = 128
-    num_layers: int = 2
-    num_heads: int = 4
-    memory_length: int = 64
-    positional_encoding: str = "relative"
-    gating: bool = False
-    norm: str = "pre"
-    ff_dim: int | None = None
-    gate_bias: float = 2.0
+    trxl: dict = field(default_factory=lambda: dict(TRXL_DEFAULTS))
+    gtrxl: dict = field(default_factory=lambda: dict(TRXL_DEFAULTS))
+    gru: dict = field(default_factory=lambda: dict(RNN_DEFAULTS))
+    lstm: dict = field(default_factory=lambda: dict(RNN_DEFAULTS))
+    custom: dict = field(default_factory=dict)
 
-    def memory_fields(self) -> dict:
-        """The fields that configure the Transformer-XL (all but the encoder's)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if not k.startswith("encoder_")}
+    def backbone_section(self) -> str | None:
+        """The name of the section the chosen backbone reads (None for ``none``)."""
+        if self.backbone == "none":
+            return None
+        return self.backbone if self.backbone in BACKBONE_SECTIONS else "custom"
+
+    def backbone_fields(self) -> tuple[str | None, dict]:
+        """``(section name, the chosen backbone's fields)``."""
+        section = self.backbone_section()
+        return section, dict(getattr(self, section)) if section else {}
+
+
+BACKBONE_SECTIONS = ("trxl", "gtrxl", "gru", "lstm")
 
 
 @dataclass
@@ -70,14 +96,14 @@ class PPOConfig:
 
     rollout_steps: int = 256
     segment_length: int = 32
-    epochs: int = 4
+    epochs: int = 6
     minibatches: int = 8
     gamma: float = 0.995
     gae_lambda: float = 0.95
     clip_coef: float = 0.1
-    clip_value_loss: bool = True
+    clip_value_loss: bool = False
     value_coef: float = 0.5
-    entropy_coef: float = 0.001
+    entropy_coef: float = 0.02
     entropy_coef_final: float | None = None  # None: constant; else linear to this value
     learning_rate: float = 3e-4
     learning_rate_final: float | None = None  # None: constant; else linear to this value
@@ -124,15 +150,11 @@ class TrainConfig:
             "env.num_envs": self.env.num_envs, "ppo.rollout_steps": ppo.rollout_steps,
             "ppo.segment_length": ppo.segment_length, "ppo.epochs": ppo.epochs,
             "ppo.minibatches": ppo.minibatches, "total_steps": self.total_steps,
-            "model.dim": model.dim, "model.num_layers": model.num_layers,
-            "model.num_heads": model.num_heads, "checkpoint_every": self.checkpoint_every,
-            "ppo.learning_rate": ppo.learning_rate,
+            "checkpoint_every": self.checkpoint_every, "ppo.learning_rate": ppo.learning_rate,
         }
         for name, value in positive.items():
             if value <= 0:
                 raise ConfigError(f"{name} must be > 0, got {value}")
-        if model.memory_length < 0:
-            raise ConfigError(f"model.memory_length must be >= 0, got {model.memory_length}")
         if ppo.rollout_steps % ppo.segment_length:
             raise ConfigError(
                 f"ppo.segment_length ({ppo.segment_length}) must divide ppo.rollout_steps "
@@ -144,12 +166,8 @@ class TrainConfig:
                 f"ppo.minibatches ({ppo.minibatches}) must divide the number of segments per "
                 f"update, env.num_envs * ppo.rollout_steps / ppo.segment_length = {chunks}"
             )
-        try:  # the encoder's own checks (heads divide dim, known encoding and norm, ...)
-            from trxl_rl.memory import TrXLConfig
-
-            TrXLConfig(input_dim=1, **model.memory_fields())
-        except ValueError as err:
-            raise ConfigError(f"model.{err}") from None
+        # The backbone's own fields are checked by the backbone when the agent is built
+        # (trxl_rl.agents.build_agent); the CLIs build it before writing anything.
         choices = {
             "device": (self.device, ("auto", "cpu", "cuda")),
             "env.vectorization": (self.env.vectorization, ("sync", "async")),
@@ -183,7 +201,21 @@ class TrainConfig:
 PRESETS = {
     "MiniGrid-Memory": "minigrid_memory.yaml",
     "MiniGrid-Memory-RGB": "minigrid_memory_rgb.yaml",
+    "MiniGrid-MemoryS7": "minigrid_memory_s7.yaml",
+    "MiniGrid-MemoryS11": "minigrid_memory_s11.yaml",
+    "MiniGrid-MemoryS13": "minigrid_memory_s13.yaml",
+    "MiniGrid-MemoryS13Random": "minigrid_memory_s13random.yaml",
+    "MiniGrid-MemoryS17Random": "minigrid_memory_s17random.yaml",
     "CueRecall": "cue_recall.yaml",
+}
+# Environment ids that start from a preset when given to --env (their step budget and env).
+ENV_PRESETS = {
+    "MiniGrid-MemoryS7-v0": "MiniGrid-MemoryS7",
+    "MiniGrid-MemoryS9-v0": "MiniGrid-Memory",
+    "MiniGrid-MemoryS11-v0": "MiniGrid-MemoryS11",
+    "MiniGrid-MemoryS13-v0": "MiniGrid-MemoryS13",
+    "MiniGrid-MemoryS13Random-v0": "MiniGrid-MemoryS13Random",
+    "MiniGrid-MemoryS17Random-v0": "MiniGrid-MemoryS17Random",
 }
 
 
@@ -233,21 +265,40 @@ def _check_type(name: str, value: Any, hint: Any) -> Any:
     return value
 
 
+# Model fields that moved into the ``model.trxl`` section when other backbones came.
+_MOVED_TO_TRXL = ("dim", "num_layers", "num_heads", "memory_length", "positional_encoding",
+                  "gating", "norm", "ff_dim", "gate_bias")
+
+
+class _Whole(typing.NamedTuple):
+    """A mapping given whole on the command line (``--env.kwargs '{delay: 3}'``): it replaces
+    the mapping field instead of updating it key by key."""
+
+    value: dict
+
+
 def _merge(obj: Any, data: dict, prefix: str = "") -> Any:
-    """Set the fields of dataclass ``obj`` from ``data``, recursively, with checks."""
+    """Set the fields of dataclass ``obj`` from ``data``, recursively, with checks; mapping
+    fields are updated key by key, unless the value is :class:`_Whole`."""
     hints = typing.get_type_hints(type(obj))
     known = {f.name for f in dataclasses.fields(obj)}
     for key, value in data.items():
+        whole = isinstance(value, _Whole)
+        value = value.value if whole else value
         name = f"{prefix}{key}"
         if key not in known:
+            moved = f" (moved to model.trxl.{key})" if prefix == "model." and \
+                key in _MOVED_TO_TRXL else ""
             raise ConfigError(
-                f"unknown config key {name!r}; known keys here: {', '.join(sorted(known))}"
+                f"unknown config key {name!r}{moved}; known keys here: {', '.join(sorted(known))}"
             )
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"config key {name} must be a mapping, got {value!r}")
             _merge(current, value, prefix=f"{name}.")
+        elif isinstance(current, dict) and isinstance(value, dict) and not whole:
+            setattr(obj, key, _deep_update(current, value))
         else:
             setattr(obj, key, _check_type(name, value, hints[key]))
     return obj
@@ -255,18 +306,30 @@ def _merge(obj: Any, data: dict, prefix: str = "") -> Any:
 
 def build_config(base: dict | None = None, overrides: dict | None = None) -> TrainConfig:
     """Defaults, then ``base`` (a preset or config file), then ``overrides`` (flat dotted
-    keys, values already parsed), validated."""
+    keys, values already parsed), validated. A dotted key into a mapping
+    (``model.trxl.dim``) changes one entry; a mapping given whole replaces it."""
     cfg = _merge(TrainConfig(), base or {})
     for dotted, value in (overrides or {}).items():
         *parents, leaf = dotted.split(".")
-        nested: dict = {leaf: value}
+        nested: dict = {leaf: _Whole(value) if isinstance(value, dict) else value}
         for parent in reversed(parents):
             nested = {parent: nested}
-        if parents[:2] == ["env", "kwargs"]:
-            cfg.env.kwargs = _deep_update(cfg.env.kwargs, nested["env"]["kwargs"])
-            continue
         _merge(cfg, nested)
+    _check_backbone_overrides(cfg, overrides or {})
     return cfg.validate()
+
+
+def _check_backbone_overrides(cfg: TrainConfig, overrides: dict) -> None:
+    """Refuse an override of a backbone section the run does not use."""
+    used = cfg.model.backbone_section()
+    for dotted in overrides:
+        parts = dotted.split(".")
+        if len(parts) > 2 and parts[0] == "model" and parts[1] in (*BACKBONE_SECTIONS, "custom") \
+                and parts[1] != used:
+            raise ConfigError(
+                f"--{dotted} does not apply: this run's backbone is {cfg.model.backbone!r}, "
+                f"which reads {'no section' if used is None else f'model.{used}'}; "
+                f"set --model.backbone or drop the option")
 
 
 def _deep_update(target: dict, update: dict) -> dict:
@@ -279,3 +342,12 @@ def _deep_update(target: dict, update: dict) -> dict:
 def config_to_dict(cfg: TrainConfig) -> dict:
     """Plain-data form (YAML/JSON/checkpoint metadata)."""
     return dataclasses.asdict(cfg)
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device of a ``device`` config value (``auto``: cuda if available)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device cuda requested but torch sees no CUDA device; use --device cpu")
+    return torch.device(name)

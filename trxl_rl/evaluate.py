@@ -52,7 +52,7 @@ def run_episodes(agent, env_id: str, env_kwargs: dict, episodes: int, seed: int,
     envs = make_vector_env(env_id, num_envs, **env_kwargs)
     try:
         obs, _ = envs.reset(seed=seed)
-        state = agent.initial_state(num_envs, memory_length=memory_length)
+        state = agent.initial_state(num_envs, **_memory_option(memory_length))
         episode_start = torch.ones(num_envs, dtype=torch.bool, device=device)
         done_count = np.zeros(num_envs, dtype=int)
         results: dict[str, list] = {"return": [], "length": [], "success": []}
@@ -70,6 +70,11 @@ def run_episodes(agent, env_id: str, env_kwargs: dict, episodes: int, seed: int,
     finally:
         envs.close()
     return {key: np.asarray(values, dtype=np.float64) for key, values in results.items()}
+
+
+def _memory_option(memory_length: int | None) -> dict[str, int]:
+    """``initial_state`` keywords: a Transformer-XL memory length, or none (as trained)."""
+    return {} if memory_length is None else {"memory_length": memory_length}
 
 
 def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -152,7 +157,7 @@ def play_episode(agent, env, seed: int, device: torch.device, deterministic: boo
     :return: ``{"return": float, "length": int, "success": float (nan if undefined)}``.
     """
     obs, _ = env.reset(seed=seed)
-    state = agent.initial_state(1, memory_length=memory_length)
+    state = agent.initial_state(1, **_memory_option(memory_length))
     start = torch.ones(1, dtype=torch.bool, device=device)
     total, length, info = 0.0, 0, {}
     if on_step is not None:
@@ -261,13 +266,14 @@ def format_table(report: dict[str, Any]) -> str:
     rate = "n/a (the env reports no success)" if report["success_rate"] is None else \
         f"{num(report['success_rate'])}  (95% CI {num(low)}-{num(high)})"
     policy = "deterministic" if report["deterministic"] else "stochastic"
+    memory = "" if report["memory_length"] is None else \
+        f", memory length {report['memory_length']}"
     rows = [
         ("checkpoint", f"{report['checkpoint']}  (update {report['update']}, "
                        f"{report['global_step']} steps)"),
         ("env", f"{report['env']}  {report['env_kwargs']}" if report["env_kwargs"]
          else report["env"]),
-        ("policy", f"{policy}, memory length {report['memory_length']}, "
-                   f"seed {report['seed']}"),
+        ("policy", f"{policy}, {report['backbone']}{memory}, seed {report['seed']}"),
         ("episodes", str(report["episodes"])),
         ("success rate", rate),
         ("return", f"mean {num(report['return_mean'])}  median {num(report['return_median'])}"),
@@ -362,9 +368,9 @@ def main(argv: list[str] | None = None) -> int:
         config_from_checkpoint,
         load_checkpoint,
     )
-    from trxl_rl.config import ConfigError
+    from trxl_rl.config import ConfigError, resolve_device
     from trxl_rl.envs import UnknownEnvError, make_env
-    from trxl_rl.train import resolve_device
+    from trxl_rl.memory import TransformerXL
 
     args = parse_args(argv)
     try:
@@ -395,12 +401,20 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"env {env_id!r} cannot render rgb_array frames (render_modes "
                              f"{env.metadata.get('render_modes', [])}), so --video is impossible")
         agent = agent_from_checkpoint(checkpoint, device)
-        memory_length = cfg.model.memory_length if args.memory_length is None \
-            else args.memory_length
-        try:
-            agent.initial_state(1, memory_length=memory_length)
-        except ValueError as err:
-            raise UsageError(f"--memory-length {memory_length}: {err}") from None
+        is_trxl = isinstance(agent.memory, TransformerXL)
+        for option, value in (("--memory-length", args.memory_length),
+                              ("--attention", args.attention)):
+            if value is not None and not is_trxl:
+                raise UsageError(f"{option} applies to Transformer-XL backbones (trxl, gtrxl); "
+                                 f"this agent's backbone is {cfg.model.backbone!r}")
+        memory_length = None
+        if is_trxl:
+            memory_length = agent.memory.config.memory_length if args.memory_length is None \
+                else args.memory_length
+            try:
+                agent.initial_state(1, memory_length=memory_length)
+            except ValueError as err:
+                raise UsageError(f"--memory-length {memory_length}: {err}") from None
     except (UsageError, CheckpointError, ConfigError, UnknownEnvError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -414,7 +428,8 @@ def main(argv: list[str] | None = None) -> int:
         "update": checkpoint["counters"]["update"],
         "global_step": checkpoint["counters"]["global_step"],
         "env": env_id, "env_kwargs": env_kwargs, "seed": seed,
-        "deterministic": args.deterministic, "memory_length": memory_length,
+        "backbone": cfg.model.backbone, "deterministic": args.deterministic,
+        "memory_length": memory_length,
         **summarize(results),
     })
     print(format_table(report))

@@ -11,6 +11,9 @@ with the current weights. During inference the projected keys/values of the memo
 in the state, so one ``step`` costs O(M) and not O(M * dim^2); the cache is tagged with the
 weights that made it and rebuilt from the stored hidden states when the weights change.
 
+:class:`TransformerXL` is one :class:`MemoryBackbone`, the interface every memory of the
+trainer follows (the GRU, LSTM and no-memory backbones are in :mod:`trxl_rl.backbones`).
+
 Shape legend: B rows (environments), N tokens in a segment, M memory length, L layers,
 D model dim, H heads, Dh = D / H head dim.
 
@@ -22,27 +25,79 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 POSITIONAL_ENCODINGS = ("relative", "absolute", "learned", "none")
-
-# Fused optimizers update parameters without bumping their version counters, so every torch
-# optimizer step is also counted here (a global post-step hook) and is part of the cache tag.
-_optimizer_steps = 0
-
-
-def _count_optimizer_step(optimizer, args, kwargs) -> None:
-    global _optimizer_steps
-    _optimizer_steps += 1
-
-
-register_optimizer_step_post_hook(_count_optimizer_step)
-_instances = itertools.count()
 NORMS = ("pre", "post")
+_instances = itertools.count()
+
+
+class MemoryBackbone(nn.Module):
+    """The interface of a memory that the trainer runs: a state per row (environment) that
+    carries the past from call to call and is reset at episode starts.
+
+    Shapes: B rows, N tokens per row in a segment, I = input size, O = :attr:`output_dim`,
+    K = :attr:`history_length`, C rows of a training minibatch.
+
+    - :meth:`initial_state` ``(B)``: the state before any token.
+    - :meth:`forward` ``(x [B, N, I], state, episode_start [B, N] bool)`` ->
+      ``(y [B, N, O], state after the segment)``. Where ``episode_start`` is True the token
+      starts a new episode: nothing before it may influence it or any later token.
+    - :meth:`step` ``(x [B, I], state, episode_start [B])`` -> ``(y [B, O], state)``: the
+      same function as :meth:`forward` with N = 1 (the rollout acts one step at a time).
+    - The state supports ``state[rows]`` (any index valid for dimension 0).
+
+    What the rollout stores so that the state before any (env, segment) chunk can be rebuilt
+    exactly, with no gradient flowing into it:
+
+    - :meth:`step_record` ``(state)``: a dict of tensors ``[B, ...]`` that the step which made
+      ``state`` leaves (stored for every step of a rollout);
+    - :meth:`history` ``(state)``: the K newest records a state holds, oldest first
+      (``{name: [B, K, ...]}``) and which are valid (``[B, K]`` bool); stored before each
+      rollout and in checkpoints;
+    - :meth:`state_from_history` ``(records {name: [C, K, ...]}, valid [C, K])``: the state
+      after those K steps. ``valid`` is False for slots of another episode than the last
+      step's, or empty slots before the first step.
+
+    The defaults below fit a state that is one tensor ``[B, ...]``, complete in itself, like a
+    recurrent network's hidden state: the record of a step is the state after it (K = 1).
+    A subclass with such a state implements ``output_dim``, :meth:`initial_state` and
+    :meth:`forward` only.
+    """
+
+    output_dim: int
+    history_length: int = 1
+
+    def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> Any:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, state: Any, episode_start: Tensor) -> tuple[Tensor, Any]:
+        raise NotImplementedError
+
+    def step(self, x: Tensor, state: Any, episode_start: Tensor) -> tuple[Tensor, Any]:
+        """One token per row: ``x`` ``[B, I]``, ``episode_start`` ``[B]`` -> ``([B, O], state)``."""
+        y, state = self(x[:, None], state, episode_start[:, None])
+        return y[:, 0], state
+
+    def step_record(self, state: Tensor) -> dict[str, Tensor]:
+        return {"state": state}
+
+    def history(self, state: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        valid = torch.ones(state.shape[0], 1, dtype=torch.bool, device=state.device)
+        return {"state": state[:, None]}, valid
+
+    def state_from_history(self, records: dict[str, Tensor], valid: Tensor) -> Tensor:
+        # A state from another episode is never read: forward resets it at the episode start.
+        return records["state"][:, -1]
+
+    def weights_changed(self) -> None:
+        """Tell the backbone its weights changed in a way autograd's version counters do not
+        see (fused optimizers, edits through ``p.data``); backbones that cache anything
+        computed from the weights drop those caches. The default has none."""
 
 
 @dataclass
@@ -157,8 +212,16 @@ class MemoryState:
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
            ) -> MemoryState:
-        """Move to ``device``; ``dtype`` applies to the stored hidden states and caches only."""
-        return self._map(lambda t: t.to(device=device, dtype=dtype), lambda t: t.to(device))
+        """Move to ``device``; ``dtype`` is the new storage dtype of the hidden states.
+
+        The key/value caches hold what the model computed in its own dtype from the hidden
+        states as stored; a new storage dtype rounds those differently, so the caches are
+        dropped then (the next call rebuilds them from the converted hidden states)."""
+        moved = self._map(lambda t: t.to(device=device), lambda t: t.to(device))
+        if dtype is None or dtype == self.hidden.dtype:
+            return moved
+        return replace(moved, hidden=moved.hidden.to(dtype), keys=None, values=None,
+                       pos_keys=None, cache_tag=None)
 
     def __getitem__(self, rows) -> MemoryState:
         """The state of a subset of rows (any index valid for dimension 0)."""
@@ -300,8 +363,12 @@ class TrXLLayer(nn.Module):
         return self._residual(1, h, y, self.norm_ff)
 
 
-class TransformerXL(nn.Module):
+class TransformerXL(MemoryBackbone):
     """Transformer-XL encoder with a per-row, per-episode sliding-window memory.
+
+    As a :class:`MemoryBackbone`, the record of a step is the token's index in its episode
+    (``position``) and, with M > 0, its input to every layer (``hidden`` ``[L, D]``, in the
+    state's storage dtype); the history is the last M tokens (at least one, for the position).
 
     >>> trxl = TransformerXL(TrXLConfig(input_dim=8, dim=32, num_heads=4, memory_length=16))
     >>> state = trxl.initial_state(batch_size=3)
@@ -314,6 +381,7 @@ class TransformerXL(nn.Module):
         super().__init__()
         self.config = config
         self._instance = next(_instances)  # part of the cache tag: caches never cross models
+        self._weights_version = 0  # bumped by weights_changed(); part of the cache tag
         self.input_proj = nn.Linear(config.input_dim, config.dim)
         self.layers = nn.ModuleList(TrXLLayer(config) for _ in range(config.num_layers))
         self.final_norm = nn.LayerNorm(config.dim) if config.norm == "pre" else nn.Identity()
@@ -324,6 +392,10 @@ class TransformerXL(nn.Module):
     @property
     def output_dim(self) -> int:
         return self.config.dim
+
+    @property
+    def history_length(self) -> int:
+        return max(self.config.memory_length, 1)
 
     def _check_memory_length(self, memory_length: int) -> None:
         cfg = self.config
@@ -362,13 +434,53 @@ class TransformerXL(nn.Module):
         )
 
     def weights_tag(self) -> tuple:
-        """Changes whenever a torch optimizer steps or any parameter is replaced or modified in
-        place through autograd-visible ops (``load_state_dict``, ``.to()``, ``p.copy_()`` under
-        ``torch.no_grad()``), so that caches built with older weights are rebuilt. Edits through
-        ``p.data`` bypass version counters: after those, start from a fresh ``initial_state``
-        or pass states with ``use_cache=False``."""
-        return (self._instance, _optimizer_steps,
+        """Changes whenever a parameter is replaced or modified in place through
+        autograd-visible ops (``load_state_dict``, ``.to()``, a non-fused optimizer step,
+        ``p.copy_()`` under ``torch.no_grad()``) and at every :meth:`weights_changed`, so that
+        caches built with older weights are rebuilt.
+
+        Fused optimizers (``fused=True``) and edits through ``p.data`` do not bump version
+        counters: call :meth:`weights_changed` after them, e.g. with
+        ``optimizer.register_step_post_hook(lambda *_: trxl.weights_changed())`` (the
+        trainer does this for its own optimizer)."""
+        return (self._instance, self._weights_version,
                 *((p.data_ptr(), p._version) for p in self.parameters()))
+
+    def weights_changed(self) -> None:
+        """Invalidate every key/value cache built with the current weights."""
+        self._weights_version += 1
+
+    # --- MemoryBackbone: what the rollout stores -------------------------------------------
+
+    def step_record(self, state: MemoryState) -> dict[str, Tensor]:
+        """``position`` ``[B]`` of the newest token and, with M > 0, its layer inputs
+        ``hidden`` ``[B, L, D]``."""
+        record = {"position": state.position - 1}
+        if state.memory_length:
+            record["hidden"] = state.hidden[:, :, -1]
+        return record
+
+    def history(self, state: MemoryState) -> tuple[dict[str, Tensor], Tensor]:
+        """The last K = max(M, 1) tokens: ``hidden`` ``[B, M, L, D]`` (M > 0),
+        ``position`` ``[B, K]``, valid ``[B, K]``."""
+        m = state.memory_length
+        if not m:  # no tokens are kept; one slot carries the position of the previous token
+            return {"position": (state.position - 1)[:, None]}, (state.position > 0)[:, None]
+        back = torch.arange(m, 0, -1, device=state.position.device)  # M .. 1 steps back
+        records = {"hidden": state.hidden.transpose(1, 2),
+                   "position": (state.position[:, None] - back).clamp_min(0)}
+        return records, state.valid
+
+    def state_from_history(self, records: dict[str, Tensor], valid: Tensor) -> MemoryState:
+        """The memory after the K recorded tokens (no key/value cache)."""
+        last = records["position"][:, -1]
+        position = torch.where(valid[:, -1], last + 1, 0)
+        if "hidden" not in records:
+            hidden = torch.zeros(valid.shape[0], self.config.num_layers, 0, self.config.dim,
+                                 device=valid.device, dtype=self.input_proj.weight.dtype)
+            return MemoryState(hidden=hidden, valid=valid[:, :0], position=position)
+        return MemoryState(hidden=records["hidden"].transpose(1, 2), valid=valid,
+                           position=position)
 
     def _distance_table(self, memory_length: int, like: Tensor) -> Tensor | None:
         """``[M + 1, D]`` encodings of query-key distances 0..M, or None without one."""
@@ -486,4 +598,4 @@ class TransformerXL(nn.Module):
         return y[:, 0], state
 
 
-__all__ = ["TrXLConfig", "TransformerXL", "MemoryState", "sinusoid"]
+__all__ = ["MemoryBackbone", "MemoryState", "TrXLConfig", "TransformerXL", "sinusoid"]

@@ -6,7 +6,8 @@ stopped. A checkpoint written by the trainer also holds (:func:`training_state`)
 - the random generators: torch (CPU and CUDA; action sampling), numpy, python, and the
   trainer's minibatch ``shuffle`` generator;
 - the rollout carry: every env's current observation, its episode-start flag and its
-  Transformer-XL memory (hidden states, valid slots, position; the key/value caches are
+  memory, as the backbone's history (:meth:`~trxl_rl.memory.MemoryBackbone.history`; for the
+  Transformer-XL the hidden states, valid slots and positions; its key/value caches are
   not stored, they are rebuilt from the hidden states);
 - the environments, as plain data: each env's episode seed and the actions taken in its
   current episode (:mod:`trxl_rl.envs.replay`), plus the running episode returns and lengths.
@@ -39,7 +40,7 @@ from trxl_rl.checkpoint import (
     set_rng_state,
 )
 from trxl_rl.config import ConfigError, TrainConfig, build_config, config_to_dict
-from trxl_rl.memory import MemoryState
+from trxl_rl.memory import MemoryBackbone, MemoryState
 from trxl_rl.rollout import obs_to_tensor, tree_map
 
 # Config keys that may change when a run is resumed: none of them changes what is learned,
@@ -70,27 +71,29 @@ def _numpy(tree: Any) -> Any:
     return tree
 
 
-def training_state(envs, obs, state: MemoryState, episode_start: Tensor,
+def training_state(envs, obs, backbone: MemoryBackbone, state: Any, episode_start: Tensor,
                    shuffle: torch.Generator) -> dict[str, Any]:
     """Everything besides model and optimizer that the next update depends on.
 
     :param envs: the trainer's vector env (built with ``make_vector_env(..., replay=True)``).
     :param obs: the batched observation the next rollout starts from (numpy, as the vector
         env returned it).
-    :param state: every env's memory ``[B, L, M, D]``; ``episode_start``: ``[B]`` bool.
+    :param backbone: the agent's memory; ``state``: every env's memory state (B rows);
+        ``episode_start``: ``[B]`` bool.
     :param shuffle: the minibatch generator of the PPO update.
     """
     from trxl_rl.envs import vector_env_state
 
     cpu = torch.device("cpu")
+    records, valid = backbone.history(state)
     return {
         "rng": rng_state(),
         "shuffle": shuffle.get_state(),
         "carry": {
             "obs": tree_map(lambda t: t.clone(), obs_to_tensor(obs, cpu)),
             "episode_start": episode_start.cpu(),
-            "memory": {"hidden": state.hidden.cpu(), "valid": state.valid.cpu(),
-                       "position": state.position.cpu()},
+            "memory": {"records": {name: value.cpu() for name, value in records.items()},
+                       "valid": valid.cpu()},
         },
         "envs": _plain(vector_env_state(envs)),
     }
@@ -104,7 +107,7 @@ def _obs_equal(a: Any, b: Any) -> bool:
 
 def restore_training(checkpoint: dict, agent: torch.nn.Module, optimizer: torch.optim.Optimizer,
                      shuffle: torch.Generator, envs, device: torch.device
-                     ) -> tuple[Any, MemoryState, Tensor]:
+                     ) -> tuple[Any, Any, Tensor]:
     """Load model, optimizer, generators and environments from a checkpoint written by the
     trainer (after ``envs.reset``); returns the carry ``(obs, state, episode_start)``."""
     from gymnasium.vector.utils import concatenate, create_empty_array
@@ -134,12 +137,20 @@ def restore_training(checkpoint: dict, agent: torch.nn.Module, optimizer: torch.
                       "where they are, but is not identical to an uninterrupted one",
                       stacklevel=2)
         obs = replayed
-    memory = carry["memory"]
-    state = MemoryState(hidden=memory["hidden"].to(device), valid=memory["valid"].to(device),
-                        position=memory["position"].to(device))
+    state = _memory_state(agent.memory, carry["memory"], device)
     episode_start = carry["episode_start"].to(device)
     set_rng_state(checkpoint["rng"])
     return obs, state, episode_start
+
+
+def _memory_state(backbone: MemoryBackbone, memory: dict, device: torch.device) -> Any:
+    """The carried memory of :func:`training_state`; format 2 stored a Transformer-XL's
+    ``MemoryState`` fields themselves."""
+    if "records" not in memory:
+        return MemoryState(hidden=memory["hidden"].to(device), valid=memory["valid"].to(device),
+                           position=memory["position"].to(device))
+    records = {name: value.to(device) for name, value in memory["records"].items()}
+    return backbone.state_from_history(records, memory["valid"].to(device))
 
 
 def run_dir_of(checkpoint_path: str | Path) -> Path:

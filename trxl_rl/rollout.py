@@ -1,26 +1,29 @@
 """Rollout storage, GAE, and (env, segment) minibatches with their stored memory.
 
 The rollout keeps everything the update needs to recompute what the agent did: for every
-step the observation, action, log-prob, value and episode-start flag, and each layer's input
-hidden state (the token's entry in the Transformer-XL memory). The M hidden states *before*
-the rollout (the memory the envs carried in) are stored too, so a segment at the start of the
-rollout gets the same memory the agent had.
+step the observation, action, log-prob, value and episode-start flag, and the memory
+backbone's record of the step (:meth:`~trxl_rl.memory.MemoryBackbone.step_record`; for the
+Transformer-XL each layer's input hidden state, for a GRU its state). The K records *before*
+the rollout (the history of the memory the envs carried in) are stored too, so a segment at
+the start of the rollout gets the same memory the agent had. Records are stored in the dtype
+the agent used (e.g. a bfloat16 memory stays bfloat16), so a recomputed minibatch is rounded
+as the rollout was.
 
-Shapes: T steps, B envs, M memory length, L layers, D model dim, N segment length,
+Shapes: T steps, B envs, K the backbone's history length, N segment length,
 C chunks (segments) in a minibatch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from gymnasium import spaces
 from torch import Tensor
 
-from trxl_rl.memory import MemoryState
+from trxl_rl.memory import MemoryBackbone
 
 Obs = Tensor | dict[str, Tensor]
 
@@ -58,17 +61,18 @@ class Minibatch(NamedTuple):
     advantages: Tensor  # [C, N]
     returns: Tensor  # [C, N]
     episode_start: Tensor  # [C, N] bool
-    memory: MemoryState  # C rows, memory length M
+    memory: Any  # the backbone's state before each chunk (C rows)
 
 
 class Rollout:
-    """Storage for ``num_steps`` x ``num_envs`` steps of an agent with a TrXL memory."""
+    """Storage for ``num_steps`` x ``num_envs`` steps of an agent with memory ``backbone``."""
 
     def __init__(self, num_steps: int, num_envs: int, observation_space: spaces.Space,
-                 action_shape: tuple[int, ...], action_dtype: torch.dtype, num_layers: int,
-                 memory_length: int, dim: int, device: torch.device | str = "cpu") -> None:
-        t, b, m = num_steps, num_envs, memory_length
-        self.num_steps, self.num_envs, self.memory_length = t, b, m
+                 action_shape: tuple[int, ...], action_dtype: torch.dtype,
+                 backbone: MemoryBackbone, device: torch.device | str = "cpu") -> None:
+        t, b = num_steps, num_envs
+        self.num_steps, self.num_envs, self.backbone = t, b, backbone
+        self.history_length = backbone.history_length
         self.device = device = torch.device(device)
         self.obs = _empty_obs(observation_space, (t, b), device)
         self.actions = torch.zeros(t, b, *action_shape, dtype=action_dtype, device=device)
@@ -77,31 +81,38 @@ class Rollout:
         self.dones = zeros()  # 1.0 where the episode ended after step t
         self.bootstrap = zeros()  # V(final obs) where the episode was truncated after step t
         self.episode_start = zeros(torch.bool)
-        self.positions = zeros(torch.long)  # index of step t within its episode
         self.advantages, self.returns = zeros(), zeros()
-        # Layer inputs: slots [0, M) are the memory before the rollout, slot M + t is step t.
-        self.hidden = torch.zeros(m + t, b, num_layers, dim, device=device)
-        self.prefix_valid = torch.zeros(b, m, dtype=torch.bool, device=device)
+        # Backbone records {name: [K + T, B, ...]}: slots [0, K) hold the history before the
+        # rollout, slot K + t step t. Allocated by start(), in the dtypes the state holds.
+        self.records: dict[str, Tensor] = {}
+        self.prefix_valid = torch.zeros(b, self.history_length, dtype=torch.bool, device=device)
 
-    def start(self, state: MemoryState) -> None:
+    def start(self, state: Any) -> None:
         """Record the memory the envs carry into this rollout (``state`` has B rows)."""
-        m = self.memory_length
-        if state.memory_length != m:
-            raise ValueError(f"state has memory_length {state.memory_length}, rollout {m}")
-        self.hidden[:m] = state.hidden.permute(2, 0, 1, 3)  # [B, L, M, D] -> [M, B, L, D]
-        self.prefix_valid.copy_(state.valid)
+        history, valid = self.backbone.history(state)  # {name: [B, K, ...]}, [B, K]
+        k = self.history_length
+        if valid.shape != (self.num_envs, k):
+            raise ValueError(f"the state's history has shape {tuple(valid.shape)}, the rollout "
+                             f"stores [{self.num_envs}, {k}]")
+        for name, value in history.items():
+            stored = self.records.get(name)
+            if stored is None or stored.dtype != value.dtype or stored.shape[2:] != value.shape[2:]:
+                self.records[name] = stored = torch.zeros(
+                    k + self.num_steps, self.num_envs, *value.shape[2:], dtype=value.dtype,
+                    device=self.device)
+            stored[:k] = value.transpose(0, 1)  # [B, K, ...] -> [K, B, ...]
+        self.prefix_valid.copy_(valid)
 
     def add(self, t: int, obs: Obs, action: Tensor, log_prob: Tensor, value: Tensor,
-            episode_start: Tensor, state: MemoryState) -> None:
+            episode_start: Tensor, state: Any) -> None:
         """Store step ``t`` as acted on; ``state`` is the memory *after* the step."""
         _store(self.obs, obs, t)
         self.actions[t] = action
         self.log_probs[t] = log_prob
         self.values[t] = value
         self.episode_start[t] = episode_start
-        self.positions[t] = state.position - 1
-        if self.memory_length:
-            self.hidden[self.memory_length + t] = state.hidden[:, :, -1]  # newest token
+        for name, record in self.backbone.step_record(state).items():
+            self.records[name][self.history_length + t] = record
 
     def add_outcome(self, t: int, reward: Tensor, done: Tensor, bootstrap: Tensor) -> None:
         """Reward ``[B]``, episode-ended flag ``[B]`` and truncation bootstrap ``[B]``."""
@@ -126,8 +137,8 @@ class Rollout:
         self.returns = self.advantages + self.values
 
     def _episode_ids(self) -> Tensor:
-        """``[M + T, B]`` episode id of every memory slot: equal ids = same episode,
-        -1 = no token (invalid memory before the rollout)."""
+        """``[K + T, B]`` episode id of every record slot: equal ids = same episode,
+        -1 = no token (invalid history before the rollout)."""
         prefix = torch.where(self.prefix_valid.T, 0, -1)  # [M, B]
         return torch.cat([prefix, self.episode_start.long().cumsum(0)], 0)
 
@@ -135,31 +146,28 @@ class Rollout:
                     generator: torch.Generator | None = None) -> Iterator[Minibatch]:
         """Shuffle the (env, segment) chunks across envs and time and yield minibatches.
 
-        Each chunk's memory is the M stored hidden states before it, valid only where they
-        belong to the same episode as the chunk's first step (episode starts inside the chunk
-        are handled by the encoder).
+        Each chunk's memory is rebuilt by the backbone from the K records before it, valid
+        only where they belong to the same episode as the step before the chunk (episode
+        starts inside the chunk, its first step included, are handled by the backbone).
         """
-        n, m, b = segment_length, self.memory_length, self.num_envs
+        n, k, b = segment_length, self.history_length, self.num_envs
         chunks_per_env = self.num_steps // n
         order = torch.randperm(chunks_per_env * b, generator=generator).to(self.device)
         episode = self._episode_ids()
         arange_n = torch.arange(n, device=self.device)
-        arange_m = torch.arange(m, device=self.device)
+        arange_k = torch.arange(k, device=self.device)
         for chunk in order.chunk(num_minibatches):
             env = (chunk % b)[:, None]  # [C, 1]
             first = (chunk // b) * n  # [C] first step of each chunk
             steps = first[:, None] + arange_n  # [C, N]
-            slots = first[:, None] + arange_m  # [C, M] memory slots before the chunk
-            slot_episode = episode[slots, env]  # [C, M]
-            reference = episode[first + m - 1, env[:, 0]] if m else None
-            valid = (slot_episode == reference[:, None]) & (slot_episode >= 0) if m else \
-                torch.zeros(len(chunk), 0, dtype=torch.bool, device=self.device)
-            memory = MemoryState(
-                hidden=self.hidden[slots, env].permute(0, 2, 1, 3),  # [C, L, M, D]
-                valid=valid,
-                position=self.positions[first, env[:, 0]],
-                use_cache=False,
-            )
+            slots = first[:, None] + arange_k  # [C, K] record slots before the chunk
+            slot_episode = episode[slots, env]  # [C, K]
+            if k:
+                reference = episode[first + k - 1, env[:, 0]]  # the step before the chunk
+                valid = (slot_episode == reference[:, None]) & (slot_episode >= 0)
+            else:
+                valid = torch.zeros(len(chunk), 0, dtype=torch.bool, device=self.device)
+            records = {name: stored[slots, env] for name, stored in self.records.items()}
             def pick(x: Tensor, steps=steps, env=env) -> Tensor:
                 return x[steps, env]  # [T, B, ...] -> [C, N, ...]
 
@@ -167,7 +175,8 @@ class Rollout:
                 obs=tree_map(pick, self.obs), actions=pick(self.actions),
                 log_probs=pick(self.log_probs), values=pick(self.values),
                 advantages=pick(self.advantages), returns=pick(self.returns),
-                episode_start=pick(self.episode_start), memory=memory,
+                episode_start=pick(self.episode_start),
+                memory=self.backbone.state_from_history(records, valid),
             )
 
 

@@ -1,7 +1,8 @@
 """Train a PPO agent with a Transformer-XL memory.
 
     python -m trxl_rl.train --env MiniGrid-Memory
-    python -m trxl_rl.train --env MiniGrid-MemoryS13Random-v0 --model.memory_length 128
+    python -m trxl_rl.train --env MiniGrid-MemoryS13Random-v0 --model.trxl.memory_length 128
+    python -m trxl_rl.train --env MiniGrid-Memory --model.backbone gru
     python -m trxl_rl.train --config my.yaml --ppo.learning_rate 1e-3 --seed 3
 
 One iteration: collect ``rollout_steps`` steps of every env (each env keeps its own memory
@@ -37,6 +38,7 @@ from trxl_rl.checkpoint import (
     space_to_dict,
 )
 from trxl_rl.config import (
+    ENV_PRESETS,
     PRESETS,
     ConfigError,
     EnvConfig,
@@ -47,8 +49,8 @@ from trxl_rl.config import (
     config_to_dict,
     preset_path,
     read_yaml,
+    resolve_device,
 )
-from trxl_rl.memory import MemoryState
 from trxl_rl.ppo import linear_schedule, ppo_update
 from trxl_rl.resume import (
     StopOnSignal,
@@ -59,23 +61,6 @@ from trxl_rl.resume import (
     training_state,
 )
 from trxl_rl.rollout import Rollout, obs_to_tensor
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device cuda requested but torch sees no CUDA device; use --device cpu")
-    return torch.device(name)
-
-
-def make_agent(cfg: TrainConfig, observation_space, action_space):
-    """The agent described by ``cfg.model`` for the given single-env spaces."""
-    from trxl_rl.agents import TrXLAgent
-
-    model = cfg.model
-    return TrXLAgent(observation_space, action_space, model.memory_fields(), model.encoder_dim,
-                     model.encoder_dedupe, reconstruction=cfg.ppo.reconstruction_coef > 0)
 
 
 class EpisodeLog:
@@ -106,17 +91,22 @@ class Carry(NamedTuple):
     """What the rollout loop carries from one step (and rollout) to the next."""
 
     obs: Any  # batched observation of the vector env (numpy)
-    state: MemoryState  # each env's memory
+    state: Any  # each env's memory (the backbone's state, B rows)
     episode_start: Tensor  # [B] bool: the next step is the first of an episode
 
 
-def make_optimizer(cfg: TrainConfig, agent: torch.nn.Module) -> torch.optim.Optimizer:
+def make_optimizer(cfg: TrainConfig, agent) -> torch.optim.Optimizer:
     """AdamW, fused into one kernel where torch has one for the parameters' device (CPU and
     CUDA): with ~30 small tensors a step costs ~0.5 ms instead of ~1.8 ms on CPU, and the
-    update runs one step per minibatch."""
+    update runs one step per minibatch. A fused step does not bump the parameters' version
+    counters, so every step tells the agent its weights changed (inference caches built
+    with the old weights, such as the Transformer-XL's keys and values, are rebuilt)."""
     fused = all(p.device.type in ("cpu", "cuda") for p in agent.parameters())
-    return torch.optim.AdamW(agent.parameters(), lr=cfg.ppo.learning_rate, eps=cfg.ppo.adam_eps,
-                             weight_decay=cfg.ppo.weight_decay, fused=fused or None)
+    optimizer = torch.optim.AdamW(agent.parameters(), lr=cfg.ppo.learning_rate,
+                                  eps=cfg.ppo.adam_eps, weight_decay=cfg.ppo.weight_decay,
+                                  fused=fused or None)
+    optimizer.register_step_post_hook(lambda *_: agent.weights_changed())
+    return optimizer
 
 
 def collect(agent, envs, rollout: Rollout, carry: Carry, device: torch.device,
@@ -191,7 +181,7 @@ def train(cfg: TrainConfig, on_update: Callable[[int, dict[str, float]], None] |
     :raises TrainingInterrupted: a SIGINT or SIGTERM arrived; the update in progress was
         finished and a checkpoint written first.
     """
-    from trxl_rl.agents import action_dtype, action_shape
+    from trxl_rl.agents import action_dtype, action_shape, build_agent
     from trxl_rl.envs import make_vector_env
 
     device = resolve_device(cfg.device)
@@ -204,7 +194,7 @@ def train(cfg: TrainConfig, on_update: Callable[[int, dict[str, float]], None] |
     envs = make_vector_env(cfg.env.id, cfg.env.num_envs, cfg.env.vectorization, replay=True,
                            **cfg.env.kwargs)
     obs_space, act_space = envs.single_observation_space, envs.single_action_space
-    agent = make_agent(cfg, obs_space, act_space).to(device)
+    agent = build_agent(cfg, obs_space, act_space).to(device)
     optimizer = make_optimizer(cfg, agent)
     b, t_steps = cfg.env.num_envs, cfg.ppo.rollout_steps
     shuffle = torch.Generator().manual_seed(cfg.seed)
@@ -232,7 +222,7 @@ def train(cfg: TrainConfig, on_update: Callable[[int, dict[str, float]], None] |
     writer = SummaryWriter(str(run_dir), purge_step=None if resume is None
                            else resume["counters"]["global_step"] + 1)
     rollout = Rollout(t_steps, b, obs_space, action_shape(act_space), action_dtype(act_space),
-                      cfg.model.num_layers, cfg.model.memory_length, cfg.model.dim, device)
+                      agent.memory, device)
     num_updates = max(1, cfg.total_steps // (b * t_steps))  # whole rollouts within the budget
     episodes = EpisodeLog()
     start_step, start_time = global_step, time.perf_counter()
@@ -247,7 +237,7 @@ def train(cfg: TrainConfig, on_update: Callable[[int, dict[str, float]], None] |
             "spaces": {"observation": space_to_dict(obs_space),
                        "action": space_to_dict(act_space)},
             "counters": {"global_step": global_step, "update": update},
-            **training_state(envs, obs, state, episode_start, shuffle),
+            **training_state(envs, obs, agent.memory, state, episode_start, shuffle),
         })
 
     stop = StopOnSignal().install()
@@ -311,13 +301,14 @@ def train(cfg: TrainConfig, on_update: Callable[[int, dict[str, float]], None] |
 
 OVERRIDE_HELP = "\n".join(
     f"  --{name} VALUE" for name in sorted(
-        f"{prefix}{f.name}"
+        f"{prefix}{f.name}{'.FIELD' if prefix == 'model.' and f.type == 'dict' else ''}"
         for prefix, section in (("env.", EnvConfig), ("model.", ModelConfig),
                                 ("ppo.", PPOConfig), ("", TrainConfig))
         for f in dataclasses.fields(section)
         if f.name not in ("env", "model", "ppo")
     )
-)
+) + ("\n  (model.trxl/gtrxl.FIELD: fields of trxl_rl.TrXLConfig; model.gru/lstm.FIELD: "
+     "hidden_size, num_layers; only the section of model.backbone applies)")
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, Any]]:
@@ -327,7 +318,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, An
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Any config field can be overridden with --KEY VALUE (dotted for nested "
                "fields, VALUE parsed as YAML):\n" + OVERRIDE_HELP
-               + f"\n\nPresets (for --env): {', '.join(PRESETS)}",
+               + f"\n\nPresets (for --env): {', '.join(PRESETS)}; these env ids start from "
+                 f"their preset: {', '.join(ENV_PRESETS)}",
     )
     parser.add_argument("--env", help="preset short name or any gymnasium env id "
                                       "(default: MiniGrid-Memory)")
@@ -379,8 +371,11 @@ def resolve_config(args: argparse.Namespace, overrides: dict[str, Any]) -> Train
             raise ConfigError(f"--env {env} is a preset and --config {args.config} a config "
                               "file: give one of them (or --env with a gymnasium id)")
         base = read_yaml(args.config)
-    elif env is None or preset_path(env) is not None:
-        base = read_yaml(preset_path(env or "MiniGrid-Memory"))
+    else:
+        preset = env or "MiniGrid-Memory"
+        preset = ENV_PRESETS.get(preset, preset)
+        if preset_path(preset) is not None:
+            base = read_yaml(preset_path(preset))
     if env is not None and preset_path(env) is None:
         base.setdefault("env", {})
         base["env"] = {**base["env"], "id": env}
@@ -388,6 +383,7 @@ def resolve_config(args: argparse.Namespace, overrides: dict[str, Any]) -> Train
 
 
 def main(argv: list[str] | None = None) -> int:
+    from trxl_rl.agents import build_agent
     from trxl_rl.agents.encoders import is_image_space
     from trxl_rl.envs import UnknownEnvError, make_env
 
@@ -417,6 +413,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"it to 0")
         if resume is not None:
             check_spaces(resume, env.observation_space, env.action_space, cfg.env.id)
+        try:  # the backbone's fields and the spaces, before anything is written
+            build_agent(cfg, env.observation_space, env.action_space)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     except (ConfigError, UnknownEnvError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

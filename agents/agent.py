@@ -1,14 +1,17 @@
-"""The PPO agent: observation encoder -> Transformer-XL memory -> policy and value heads."""
+"""The PPO agent: observation encoder -> memory backbone -> policy and value heads, and
+:func:`build_agent`, the one place an agent is built from a training config."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 from gymnasium import spaces
 from torch import Tensor, nn
 
-from trxl_rl.memory import MemoryState, TransformerXL, TrXLConfig
+from trxl_rl.backbones import BACKBONES, make_backbone
+from trxl_rl.memory import MemoryBackbone
 
 from .distributions import ActionDistribution, make_action_head
 from .encoders import NatureCNNDecoder, distinct_rows, is_image_space, make_encoder
@@ -22,7 +25,7 @@ class ActOutput(NamedTuple):
     action: Tensor  # [B, *action_shape]
     log_prob: Tensor  # [B]
     value: Tensor  # [B]
-    state: MemoryState  # memory after this step
+    state: Any  # the backbone's state after this step
 
 
 class EvalOutput(NamedTuple):
@@ -41,12 +44,13 @@ def _flatten_obs(obs: Obs, lead: int) -> tuple[Obs, tuple[int, ...]]:
     return obs.flatten(0, lead - 1), obs.shape[:lead]
 
 
-class TrXLAgent(nn.Module):
-    """Actor-critic with a Transformer-XL memory; the spaces choose encoder and action head.
+class MemoryAgent(nn.Module):
+    """Actor-critic with a memory backbone; the spaces choose encoder and action head.
 
     :param observation_space: a single env's observation space.
-    :param action_space: a single env's action space (Discrete or MultiDiscrete).
-    :param memory: the :class:`trxl_rl.TrXLConfig` fields except ``input_dim``.
+    :param action_space: a single env's action space.
+    :param backbone: ``backbone(input_dim) -> MemoryBackbone``, called with the encoder's
+        output size (e.g. ``lambda d: TransformerXL(TrXLConfig(input_dim=d, ...))``).
     :param encoder_dim: encoder output size (None: the encoder's default).
     :param encoder_dedupe: image encoders encode each distinct image of a batch once
         (None: on CPU only; see :class:`~trxl_rl.agents.encoders.NatureCNNEncoder`).
@@ -55,7 +59,7 @@ class TrXLAgent(nn.Module):
     """
 
     def __init__(self, observation_space: spaces.Space, action_space: spaces.Space,
-                 memory: dict, encoder_dim: int | None = None,
+                 backbone: Callable[[int], MemoryBackbone], encoder_dim: int | None = None,
                  encoder_dedupe: bool | None = None, reconstruction: bool = False) -> None:
         super().__init__()
         self.encoder = make_encoder(observation_space, encoder_dim, encoder_dedupe)
@@ -68,7 +72,7 @@ class TrXLAgent(nn.Module):
                     f"shape {observation_space.shape} and dtype {observation_space.dtype}"
                 )
             self.decoder = NatureCNNDecoder(observation_space, self.encoder.output_dim)
-        self.memory = TransformerXL(TrXLConfig(input_dim=self.encoder.output_dim, **memory))
+        self.memory = backbone(self.encoder.output_dim)
         dim = self.memory.output_dim
         self.policy_body = nn.Sequential(nn.Linear(dim, dim), nn.ReLU())
         self.action_head = make_action_head(action_space, dim)
@@ -76,16 +80,21 @@ class TrXLAgent(nn.Module):
         nn.init.orthogonal_(self.value_head[-1].weight, gain=1.0)
         nn.init.zeros_(self.value_head[-1].bias)
 
-    def initial_state(self, batch_size: int, **kwargs) -> MemoryState:
-        """Empty memory for ``batch_size`` envs (see :meth:`TransformerXL.initial_state`)."""
+    def initial_state(self, batch_size: int, **kwargs) -> Any:
+        """Empty memory for ``batch_size`` envs (keyword options are the backbone's, e.g.
+        ``memory_length`` of :meth:`trxl_rl.TransformerXL.initial_state`)."""
         return self.memory.initial_state(batch_size, **kwargs)
+
+    def weights_changed(self) -> None:
+        """See :meth:`trxl_rl.memory.MemoryBackbone.weights_changed`."""
+        self.memory.weights_changed()
 
     def _heads(self, features: Tensor) -> tuple[ActionDistribution, Tensor]:
         """features ``[B, D]`` -> (action distribution over B, values ``[B]``)."""
         return self.action_head(self.policy_body(features)), self.value_head(features)[..., 0]
 
     @torch.no_grad()
-    def act(self, obs: Obs, state: MemoryState, episode_start: Tensor,
+    def act(self, obs: Obs, state: Any, episode_start: Tensor,
             deterministic: bool = False) -> ActOutput:
         """One rollout step. obs ``[B, ...]``, episode_start ``[B]`` bool."""
         features, state = self.memory.step(self.encoder(obs), state, episode_start)
@@ -94,12 +103,12 @@ class TrXLAgent(nn.Module):
         return ActOutput(action, dist.log_prob(action), value, state)
 
     @torch.no_grad()
-    def value(self, obs: Obs, state: MemoryState, episode_start: Tensor) -> Tensor:
+    def value(self, obs: Obs, state: Any, episode_start: Tensor) -> Tensor:
         """V(obs | memory) ``[B]`` without advancing the memory (the state is not returned)."""
         features, _ = self.memory.step(self.encoder(obs), state, episode_start)
         return self.value_head(features)[..., 0]
 
-    def evaluate(self, obs: Obs, actions: Tensor, state: MemoryState,
+    def evaluate(self, obs: Obs, actions: Tensor, state: Any,
                  episode_start: Tensor) -> EvalOutput:
         """Recompute segments in parallel with the current weights.
 
@@ -133,3 +142,25 @@ class TrXLAgent(nn.Module):
         images = images[distinct_rows(images)[0]]
         decoded = self.decoder(self.encoder.encode_all(images))
         return (decoded - images.float() / 255.0).square().mean()
+
+
+def build_agent(cfg, observation_space: spaces.Space, action_space: spaces.Space
+                ) -> MemoryAgent:
+    """The agent a :class:`trxl_rl.config.TrainConfig` describes, for single-env spaces.
+
+    :raises ValueError: an unknown backbone, a bad backbone field (the message names
+        ``model.<section>``), or a space no encoder or action head supports.
+    """
+    model = cfg.model
+    section, fields = model.backbone_fields()
+
+    def backbone(input_dim: int) -> MemoryBackbone:
+        try:
+            return make_backbone(model.backbone, input_dim, fields)
+        except (ValueError, TypeError) as err:
+            known = model.backbone in BACKBONES
+            where = f"model.{section}" if known and section else "model.backbone"
+            raise ValueError(f"{where}: {err}") from None
+
+    return MemoryAgent(observation_space, action_space, backbone, model.encoder_dim,
+                       model.encoder_dedupe, reconstruction=cfg.ppo.reconstruction_coef > 0)
