@@ -424,11 +424,11 @@ def test_gradient_flows_from_log_prob_and_entropy_to_the_head():
 @pytest.mark.parametrize(
     "space",
     [
-        spaces.Box(-1.0, 1.0, (2,), np.float32),
+        spaces.Tuple((spaces.Discrete(2), spaces.Discrete(3))),
         spaces.MultiBinary(3),
         spaces.MultiDiscrete([[2, 3]]),
     ],
-    ids=["box", "multibinary", "2d-multidiscrete"],
+    ids=["tuple", "multibinary", "2d-multidiscrete"],
 )
 def test_unsupported_action_space_raises_value_error_naming_it(space):
     with pytest.raises(ValueError) as error:
@@ -437,9 +437,3 @@ def test_unsupported_action_space_raises_value_error_naming_it(space):
     with pytest.raises(ValueError):
         action_shape(space)
 
-
-def test_box_action_space_error_says_box_is_not_supported_yet():
-    with pytest.raises(ValueError, match="Box.*not supported yet"):
-        make_action_head(spaces.Box(-1.0, 1.0, (2,), np.float32), 8)
-    with pytest.raises(ValueError, match="Box"):
-        action_dtype(spaces.Box(-1.0, 1.0, (2,), np.float32))
