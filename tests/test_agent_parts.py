@@ -295,10 +295,10 @@ def test_dict_encoder_concatenates_parts_in_sorted_key_order():
     [
         spaces.Box(0.0, 1.0, (84, 84, 3), np.float32),
         spaces.Box(0.0, 1.0, (4, 4), np.float32),
-        spaces.MultiDiscrete([3, 4]),
+        spaces.Text(8),
         spaces.Tuple((VECTOR, VECTOR)),
     ],
-    ids=["float-image", "2d-box", "multidiscrete", "tuple"],
+    ids=["float-image", "2d-box", "text", "tuple"],
 )
 def test_unsupported_observation_space_error_names_the_space(space):
     with pytest.raises(ValueError, match="supported") as error:
