@@ -6,10 +6,18 @@ import difflib
 from typing import Any
 
 import gymnasium as gym
+from gymnasium import spaces
 
 from .cue_recall import CUE_RECALL_ID
 from .minigrid_memory import MEMORY_MAX_STEPS, make_minigrid_memory
-from .wrappers import PreviousAction, RecordSuccess, positive_final_reward
+from .wrappers import (
+    ClipBoxAction,
+    PreviousAction,
+    RecordSuccess,
+    UntupleObservation,
+    has_tuple,
+    positive_final_reward,
+)
 
 # Short names accepted by make_env (and the trainer's --env).
 ENV_ALIASES: dict[str, str] = {
@@ -41,8 +49,8 @@ def _unknown_env(env_id: str) -> UnknownEnvError:
 def make_env(env_id: str, prev_action: bool = False, **kwargs: Any) -> gym.Env:
     """Build one environment.
 
-    With ``prev_action=True`` (any env with a Discrete action space) observations become
-    ``{"obs": ..., "prev_action": ...}``, see :class:`PreviousAction`.
+    With ``prev_action=True`` observations become ``{"obs": ..., "prev_action": ...}``, see
+    :class:`PreviousAction` (Discrete, MultiDiscrete and Box action spaces).
 
     - MiniGrid-Memory ids (or the short name ``"MiniGrid-Memory"`` = S9): kwargs ``obs``,
       ``view_size``, ``max_steps``, ``full_actions``; see :mod:`trxl_rl.envs.minigrid_memory`.
@@ -52,12 +60,20 @@ def make_env(env_id: str, prev_action: bool = False, **kwargs: Any) -> gym.Env:
 
     Every env is wrapped in :class:`RecordSuccess`: for MiniGrid-Memory and CueRecall the
     final step's info holds ``success`` (final reward > 0); other envs get the key only if
-    they report ``success``/``is_success`` themselves.
+    they report ``success``/``is_success`` themselves. ``Tuple`` observations are turned
+    into ``MultiDiscrete``/``Dict`` ones (:class:`UntupleObservation`) and ``Box`` actions
+    are clipped to their bounds before they reach the env (:class:`ClipBoxAction`; the
+    action space stays as it is).
 
     :raises UnknownEnvError: the id is not known; the message suggests close ids.
     :raises ValueError: a MiniGrid-Memory or CueRecall argument is invalid (named).
     """
-    env = _make(ENV_ALIASES.get(env_id, env_id), **kwargs)
+    env_id = ENV_ALIASES.get(env_id, env_id)
+    env = _make(env_id, **kwargs)
+    if has_tuple(env.observation_space):
+        env = UntupleObservation(env)
+    if isinstance(env.action_space, spaces.Box):
+        env = ClipBoxAction(env)
     return PreviousAction(env) if prev_action else env
 
 
