@@ -5,16 +5,23 @@ features ``[B, in_dim]`` to an :class:`ActionDistribution` that offers ``sample(
 ``mode()``, ``log_prob(actions) -> [B]`` and ``entropy() -> [B]``. Actions are in the
 environment's own values (``Discrete(n, start)`` samples lie in ``start .. start + n - 1``).
 
-=================  ==============================  ==========  ===================
-space              head                            actions     storage
-=================  ==============================  ==========  ===================
-``Discrete(n)``    :class:`CategoricalHead`        ``[B]``     ``()``, int64
-``MultiDiscrete``  :class:`MultiCategoricalHead`   ``[B, D]``  ``(D,)``, int64
-=================  ==============================  ==========  ===================
+=================  ==============================  ===============  ===================
+space              head                            actions          storage
+=================  ==============================  ===============  ===================
+``Discrete(n)``    :class:`CategoricalHead`        ``[B]``          ``()``, int64
+``MultiDiscrete``  :class:`MultiCategoricalHead`   ``[B, D]``       ``(D,)``, int64
+``Box``            :class:`GaussianHead`           ``[B, *shape]``  ``shape``, float32
+=================  ==============================  ===============  ===================
 
-Adding a space (a Gaussian head for ``Box``) means one new :class:`ActionHead` subclass
-(with its ``action_shape``/``action_dtype``) and one entry in ``_HEADS``; callers,
+Adding a space means one new :class:`ActionHead` subclass (with its
+``action_shape``/``action_dtype``) and one entry in ``_HEADS``; callers,
 ``make_action_head``, ``action_shape`` and ``action_dtype`` stay as they are.
+
+``Box`` actions are *not* bounded by the head: samples of the Gaussian are stored and
+learned from as drawn, and only the copy sent to the environment is clipped to the space's
+bounds (:class:`trxl_rl.envs.wrappers.ClipBoxAction`, applied by ``make_env``), as in
+CleanRL's continuous PPO. Clipping inside the head would make ``log_prob`` of the clipped
+action wrong (the bounds carry probability mass, not density).
 
 Sampling is Gumbel-max written as an exponential race, ``argmax(p / E)`` with
 ``E ~ Exp(1)``, on ``log_softmax`` computed once: measured on CPU (torch 2.13, one thread,
@@ -25,6 +32,7 @@ B=16, 3 actions, sample + log_prob + entropy from given logits) about 20 us per 
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 
 import numpy as np
@@ -35,6 +43,7 @@ from torch import Tensor, nn
 
 # Floor for the exponential noise, so that a zero-probability choice never wins by 0 / 0.
 _TINY = 1e-30
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
 class ActionDistribution(ABC):
@@ -119,7 +128,8 @@ class ActionHead(nn.Module, ABC):
 
 
 def _logits_layer(in_dim: int, num_logits: int) -> nn.Linear:
-    """Final layer with orthogonal gain 0.01: near-uniform initial policy (usual in PPO)."""
+    """Final layer with orthogonal gain 0.01: a near-uniform initial policy, or a Gaussian's
+    near-zero initial mean (usual in PPO)."""
     layer = nn.Linear(in_dim, num_logits)
     nn.init.orthogonal_(layer.weight, 0.01)
     nn.init.zeros_(layer.bias)
@@ -202,9 +212,74 @@ class MultiCategoricalHead(ActionHead):
         return CategoricalDistribution(logits, self.start)
 
 
+class GaussianDistribution(ActionDistribution):
+    """Independent normals ``N(mean, std)``, one per action dimension.
+
+    Written out instead of ``torch.distributions.Normal`` (no argument validation, no
+    broadcasting objects: this runs every environment step); the formulas are Normal's.
+
+    :param mean: ``[B, *shape]``.
+    :param log_std: ``[*shape]`` (state-independent) or ``[B, *shape]``.
+    """
+
+    def __init__(self, mean: Tensor, log_std: Tensor) -> None:
+        self.mean = mean
+        self.log_std = log_std.expand_as(mean)
+        self.sum_dims = tuple(range(1, mean.dim()))
+
+    def _reduce(self, per_dim: Tensor) -> Tensor:
+        # (B, *shape) -> (B,)
+        return per_dim.sum(self.sum_dims) if self.sum_dims else per_dim
+
+    @torch.no_grad()
+    def sample(self) -> Tensor:
+        # Not reparameterised (as torch's Normal.sample): PPO needs no gradient through it.
+        return self.mean + self.log_std.exp() * torch.randn_like(self.mean)
+
+    def mode(self) -> Tensor:
+        return self.mean
+
+    def log_prob(self, actions: Tensor) -> Tensor:
+        z = (actions - self.mean) * torch.exp(-self.log_std)
+        return self._reduce(-0.5 * z.square() - self.log_std - _HALF_LOG_2PI)
+
+    def entropy(self) -> Tensor:
+        return self._reduce(self.log_std + 0.5 + _HALF_LOG_2PI)
+
+
+class GaussianHead(ActionHead):
+    """``Box`` actions: a diagonal Gaussian with a state-independent learned log-std.
+
+    As in CleanRL's continuous PPO: the mean is a linear map of the features (orthogonal
+    init with gain 0.01, so the initial mean is ~0), the log-std one parameter per action
+    dimension, initialised at 0 (std 1). Actions are float32 ``[B, *shape]``; ``log_prob``
+    and ``entropy`` sum over the action dimensions. The space's bounds are not applied here
+    (see the module docstring).
+    """
+
+    def __init__(self, space: spaces.Box, in_dim: int) -> None:
+        super().__init__()
+        self.shape = tuple(space.shape)
+        self.mean = _logits_layer(in_dim, math.prod(self.shape))
+        self.log_std = nn.Parameter(torch.zeros(self.shape))
+
+    @staticmethod
+    def action_shape(space: spaces.Box) -> tuple[int, ...]:
+        return tuple(space.shape)
+
+    @staticmethod
+    def action_dtype(space: spaces.Box) -> torch.dtype:
+        return torch.float32
+
+    def forward(self, features: Tensor) -> GaussianDistribution:
+        mean = self.mean(features).view(-1, *self.shape)  # (B, *shape)
+        return GaussianDistribution(mean, self.log_std)
+
+
 _HEADS: tuple[tuple[type[spaces.Space], type[ActionHead]], ...] = (
     (spaces.Discrete, CategoricalHead),
     (spaces.MultiDiscrete, MultiCategoricalHead),
+    (spaces.Box, GaussianHead),
 )
 
 
@@ -213,8 +288,7 @@ def _head_class(space: spaces.Space) -> type[ActionHead]:
         if isinstance(space, space_type):
             return head
     raise ValueError(
-        f"unsupported action space {space}: supported are Discrete and MultiDiscrete; "
-        f"Box (continuous actions) is not supported yet"
+        f"unsupported action space {space}: supported are Discrete, MultiDiscrete and Box"
     )
 
 
@@ -223,16 +297,18 @@ def make_action_head(space: spaces.Space, in_dim: int) -> ActionHead:
 
     :param space: the (single-environment) action space.
     :param in_dim: size of the features the head reads.
-    :raises ValueError: for an unsupported space (``Box`` among them, for now).
+    :raises ValueError: for an unsupported space (``MultiBinary``, ``Tuple``, ...).
     """
     return _head_class(space)(space, in_dim)
 
 
 def action_shape(space: spaces.Space) -> tuple[int, ...]:
-    """Shape of one action of ``space`` (``Discrete``: ``()``, ``MultiDiscrete``: ``(D,)``)."""
+    """Shape of one action of ``space`` (``Discrete``: ``()``, ``MultiDiscrete``: ``(D,)``,
+    ``Box``: its shape)."""
     return _head_class(space).action_shape(space)
 
 
 def action_dtype(space: spaces.Space) -> torch.dtype:
-    """Torch dtype to store actions of ``space`` in (int64 for the discrete spaces)."""
+    """Torch dtype to store actions of ``space`` in (int64 for the discrete spaces, float32
+    for ``Box``)."""
     return _head_class(space).action_dtype(space)

@@ -14,10 +14,13 @@ space                                                  encoder
 ``Box``, integer dtype, shape ``(H, W, C)``,           :class:`GridEmbeddingEncoder` (symbolic
 ``0 <= low``, ``max(high) < 255``                      grids such as MiniGrid's object/colour/state)
 ``Box``, ``uint8``, shape ``(H, W, C)``, high 255      :class:`NatureCNNEncoder` (images)
-``Box`` with one dimension, ``Discrete``,              :class:`MLPEncoder`
-``MultiBinary``
+``Box`` with one dimension (any bounds, infinite       :class:`MLPEncoder` (``Discrete`` and
+too), ``Discrete``, ``MultiDiscrete``, ``MultiBinary``  ``MultiDiscrete`` one-hot encoded)
 ``Dict`` of the above                                  :class:`DictEncoder` (sorted keys, concat)
 =====================================================  =========================================
+
+``Tuple`` observations are not encoded here: ``trxl_rl.envs.make_env`` turns them into
+``MultiDiscrete`` or ``Dict`` ones (``UntupleObservation``), which checkpoints can store.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from torch import Tensor, nn
 SUPPORTED_SPACES = (
     "Box(H, W, C) with integer dtype, low >= 0 and max(high) < 255 (symbolic grid); "
     "Box(H, W, C) uint8 with high 255 and H, W >= 36 (image); "
-    "Box(n,) of any dtype, Discrete, MultiBinary (vector); "
+    "Box(n,) of any dtype, Discrete, MultiDiscrete, MultiBinary (vector); "
     "Dict of these"
 )
 
@@ -272,22 +275,36 @@ class MLPEncoder(ObservationEncoder):
     """Vector ``[B, n]`` -> ``[B, out_dim]``: Linear + ReLU + Linear + ReLU.
 
     ``Discrete(n, start)`` observations ``[B]`` are one-hot encoded to ``[B, n]`` first;
-    ``MultiBinary`` and integer ``Box`` observations are cast to float (and flattened).
+    ``MultiDiscrete(nvec, start)`` observations ``[B, *nvec.shape]`` to the concatenation of
+    every dimension's one-hot, ``[B, sum(nvec)]`` (a value is a category, not a quantity);
+    ``MultiBinary`` and ``Box`` observations are cast to float (and flattened), whatever
+    their bounds (infinite ones included).
 
-    :param space: ``Box`` with one dimension, ``Discrete`` or ``MultiBinary``.
+    :param space: ``Box`` with one dimension, ``Discrete``, ``MultiDiscrete`` or
+        ``MultiBinary``.
     :param out_dim: feature size.
     """
 
-    def __init__(self, space: spaces.Box | spaces.Discrete | spaces.MultiBinary,
-                 out_dim: int = 64) -> None:
+    offsets: Tensor | None
+
+    def __init__(self, space: spaces.Box | spaces.Discrete | spaces.MultiDiscrete
+                 | spaces.MultiBinary, out_dim: int = 64) -> None:
         super().__init__()
+        offsets = None
         if isinstance(space, spaces.Discrete):
-            self.num_classes: int | None = int(space.n)
-            self.start = int(space.start)
-            in_dim = self.num_classes
+            # One dimension: values start .. start + n - 1 are one-hot columns 0 .. n - 1.
+            offsets = torch.tensor([-int(space.start)])
+            in_dim = int(space.n)
+        elif isinstance(space, spaces.MultiDiscrete):
+            # Dimension d's categories are one-hot columns offsets[d] .. offsets[d] + nvec[d].
+            nvec = space.nvec.reshape(-1).astype(np.int64)
+            first = np.cumsum([0, *nvec[:-1]]) - np.asarray(space.start).reshape(-1)
+            offsets = torch.as_tensor(first, dtype=torch.int64)
+            in_dim = int(nvec.sum())
         else:
-            self.num_classes = None
             in_dim = int(np.prod(space.shape))
+        self.register_buffer("offsets", offsets, persistent=False)
+        self.in_dim = in_dim
         self.mlp = nn.Sequential(
             nn.Linear(in_dim, out_dim), nn.ReLU(), nn.Linear(out_dim, out_dim), nn.ReLU()
         )
@@ -295,10 +312,12 @@ class MLPEncoder(ObservationEncoder):
         self.output_dim = out_dim
 
     def forward(self, obs: Tensor) -> Tensor:
-        """:param obs: ``[B, n]`` (``[B]`` for ``Discrete``). :return: ``[B, out_dim]``."""
-        if self.num_classes is not None:
-            # (B,) -> (B, n)
-            obs = nn.functional.one_hot(obs.long() - self.start, self.num_classes)
+        """:param obs: ``[B, n]`` (``[B]`` for ``Discrete``, ``[B, *nvec.shape]`` for
+        ``MultiDiscrete``). :return: ``[B, out_dim]``."""
+        if self.offsets is not None:
+            # (B, D) column of each dimension's category -> (B, in_dim) of D ones
+            columns = obs.reshape(len(obs), -1).long() + self.offsets
+            obs = torch.zeros(len(obs), self.in_dim, device=obs.device).scatter_(1, columns, 1.0)
         return self.mlp(obs.flatten(1).float())
 
 
@@ -363,7 +382,7 @@ def make_encoder(space: spaces.Space, out_dim: int | None = None,
             return NatureCNNEncoder(space, dedupe=dedupe, **kwargs)
         if len(space.shape) == 1:
             return MLPEncoder(space, **kwargs)
-    if isinstance(space, (spaces.Discrete, spaces.MultiBinary)):
+    if isinstance(space, (spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary)):
         return MLPEncoder(space, **kwargs)
     raise ValueError(
         f"no observation encoder for space {space}; supported: {SUPPORTED_SPACES}"

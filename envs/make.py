@@ -6,10 +6,19 @@ import difflib
 from typing import Any
 
 import gymnasium as gym
+from gymnasium import spaces
 
 from .cue_recall import CUE_RECALL_ID
 from .minigrid_memory import MEMORY_MAX_STEPS, make_minigrid_memory
-from .wrappers import PreviousAction, RecordSuccess, positive_final_reward
+from .popgym import is_popgym_id, popgym_problem
+from .wrappers import (
+    ClipBoxAction,
+    PreviousAction,
+    RecordSuccess,
+    UntupleObservation,
+    has_tuple,
+    positive_final_reward,
+)
 
 # Short names accepted by make_env (and the trainer's --env).
 ENV_ALIASES: dict[str, str] = {
@@ -19,7 +28,8 @@ ENV_ALIASES: dict[str, str] = {
 
 
 class UnknownEnvError(ValueError):
-    """An environment id that is neither one of ours nor registered with gymnasium."""
+    """An environment id that is neither one of ours nor registered with gymnasium, or one
+    whose optional package is not installed (the message says how to install it)."""
 
 
 def list_env_ids() -> list[str]:
@@ -38,26 +48,41 @@ def _unknown_env(env_id: str) -> UnknownEnvError:
     )
 
 
-def make_env(env_id: str, prev_action: bool = False, **kwargs: Any) -> gym.Env:
+def make_env(env_id: str, prev_action: bool | None = None, **kwargs: Any) -> gym.Env:
     """Build one environment.
 
-    With ``prev_action=True`` (any env with a Discrete action space) observations become
-    ``{"obs": ..., "prev_action": ...}``, see :class:`PreviousAction`.
+    With ``prev_action=True`` observations become ``{"obs": ..., "prev_action": ...}``, see
+    :class:`PreviousAction` (Discrete, MultiDiscrete and Box action spaces). ``None`` (the
+    default) means on for POPGym ids (as in POPGym's own baselines), off for all others.
 
     - MiniGrid-Memory ids (or the short name ``"MiniGrid-Memory"`` = S9): kwargs ``obs``,
       ``view_size``, ``max_steps``, ``full_actions``; see :mod:`trxl_rl.envs.minigrid_memory`.
     - ``"trxl_rl/CueRecall-v0"`` (or ``"CueRecall"``): kwargs ``delay``, ``num_cues``.
+    - ``"popgym/<ClassName>-v0"``: POPGym's environments (optional extra,
+      ``pip install -e ".[popgym]"``), kwargs those of the class; see
+      :mod:`trxl_rl.envs.popgym`.
     - any other registered gymnasium id (``"module:Id"`` imports the module first):
       ``gymnasium.make(env_id, **kwargs)``.
 
     Every env is wrapped in :class:`RecordSuccess`: for MiniGrid-Memory and CueRecall the
     final step's info holds ``success`` (final reward > 0); other envs get the key only if
-    they report ``success``/``is_success`` themselves.
+    they report ``success``/``is_success`` themselves. ``Tuple`` observations are turned
+    into ``MultiDiscrete``/``Dict`` ones (:class:`UntupleObservation`) and ``Box`` actions
+    are clipped to their bounds before they reach the env (:class:`ClipBoxAction`; the
+    action space stays as it is).
 
-    :raises UnknownEnvError: the id is not known; the message suggests close ids.
+    :raises UnknownEnvError: the id is not known (the message suggests close ids), or it
+        needs an optional package that is not installed (the message names the pip command).
     :raises ValueError: a MiniGrid-Memory or CueRecall argument is invalid (named).
     """
-    env = _make(ENV_ALIASES.get(env_id, env_id), **kwargs)
+    env_id = ENV_ALIASES.get(env_id, env_id)
+    env = _make(env_id, **kwargs)
+    if has_tuple(env.observation_space):
+        env = UntupleObservation(env)
+    if isinstance(env.action_space, spaces.Box):
+        env = ClipBoxAction(env)
+    if prev_action is None:
+        prev_action = is_popgym_id(env_id)
     return PreviousAction(env) if prev_action else env
 
 
@@ -66,6 +91,11 @@ def _make(env_id: str, **kwargs: Any) -> gym.Env:
         return make_minigrid_memory(env_id, **kwargs)
     if env_id == CUE_RECALL_ID:
         return RecordSuccess(gym.make(env_id, **kwargs), positive_final_reward)
+    if is_popgym_id(env_id):
+        problem = popgym_problem(env_id)
+        if problem is not None:
+            raise UnknownEnvError(problem)
+        return RecordSuccess(gym.make(env_id, **kwargs))
     if ":" not in env_id and env_id not in gym.registry:
         import minigrid  # noqa: F401  (registers the MiniGrid ids)
 

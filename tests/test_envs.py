@@ -392,5 +392,3 @@ def test_prev_action_observation_holds_the_action_that_led_to_it():
     for action in (1, 2, 0):
         obs, *_ = env.step(action)
         assert obs["prev_action"] == action
-    with pytest.raises(ValueError, match="Discrete"):
-        make_env("MountainCarContinuous-v0", prev_action=True)
