@@ -140,7 +140,8 @@ def test_episode_replay_records_and_restores_float_action_vectors():
 def pendulum_config(**overrides):
     base = {
         "env": {"id": "Pendulum-v1", "num_envs": 4},
-        "model": {"dim": 16, "num_layers": 1, "num_heads": 1, "memory_length": 8},
+        "model": {"encoder_dim": 16,
+                  "trxl": {"dim": 16, "num_layers": 1, "num_heads": 1, "memory_length": 8}},
         "ppo": {"rollout_steps": 64, "segment_length": 16, "minibatches": 4, "epochs": 2},
         "total_steps": 2048, "progress": False, "eval_episodes": 2, "checkpoint_every": 1000,
         "threads": 1,

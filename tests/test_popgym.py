@@ -179,7 +179,8 @@ def test_popgym_observations_and_actions_are_adapted(popgym_ids):
 def tiny_config(env_id, log_dir):
     return build_config({
         "env": {"id": env_id, "num_envs": 2},
-        "model": {"dim": 16, "num_layers": 1, "num_heads": 1, "memory_length": 4},
+        "model": {"encoder_dim": 16,
+                  "trxl": {"dim": 16, "num_layers": 1, "num_heads": 1, "memory_length": 4}},
         "ppo": {"rollout_steps": 8, "segment_length": 8, "minibatches": 1, "epochs": 1},
         "total_steps": 16, "eval_episodes": 0, "progress": False, "log_dir": str(log_dir),
         "checkpoint_every": 1000, "threads": 1,
