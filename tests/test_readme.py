@@ -3,6 +3,8 @@
 import re
 from pathlib import Path
 
+from trxl_rl.config import read_yaml
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -28,3 +30,21 @@ def test_readme_test_command_is_what_ci_runs():
     ci = (README.parent / ".ci" / "run").read_text()
     assert "python -m pytest -q" in readme_section("Set-up")
     assert ci.strip().splitlines()[-1] == "python -m pytest -q"
+
+
+def test_user_written_backbone_example_trains(tmp_path, monkeypatch):
+    from trxl_rl.backbones import BACKBONES
+
+    section = readme_section("Use the memory in your own agent")
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(blocks) >= 2, "the section must show a user-written backbone"
+    monkeypatch.chdir(tmp_path)  # the example writes runs/ in the working directory
+    namespace: dict = {}
+    try:
+        exec(compile(blocks[1], "README.md", "exec"), namespace)
+    finally:
+        BACKBONES.pop("decay", None)
+    summary = namespace["summary"]
+    assert summary["global_step"] == 2048 and summary["episodes"] == 100
+    run = next((tmp_path / "runs").iterdir())
+    assert read_yaml(run / "config.yaml")["model"]["backbone"] == "decay"
