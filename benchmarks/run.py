@@ -4,6 +4,7 @@
     python -m benchmarks.run --quick         # fewer updates, no 1024-token memory
     python -m benchmarks.run --only a b      # some rows (names in the first column)
     python -m benchmarks.run --device cuda   # on a GPU (adds CUDA max allocated)
+    python -m benchmarks.run --repeat 3 --only a a-nocache   # interleaved rounds, medians
 
 Every row runs in a fresh subprocess (so peak RSS is that configuration's own) and times
 real training iterations built from the trainer's own pieces (vector env, agent, rollout
@@ -233,8 +234,12 @@ def table(results: list[dict]) -> str:
         kl = f"{r['max_abs_first_minibatch_kl']:.1e}" if "max_abs_first_minibatch_kl" in r \
             else "-"
         base = r.get("base")
-        ratio = f"{r['sps'] / sps[base]:.2f}x {base}" if base in sps and base != r["name"] \
-            else ""
+        if "vs" in r:  # the median of the paired ratios of --repeat rounds
+            ratio = f"{r['vs']:.2f}x {base}"
+        elif base in sps and base != r["name"]:
+            ratio = f"{r['sps'] / sps[base]:.2f}x {base}"
+        else:
+            ratio = ""
         lines.append(
             f"| {r['name']} | {r['what']} | {r['sps']:,.0f} | {ratio} | {share['env']:.0%} / "
             f"{share['inference']:.0%} / {share['update']:.0%} | {r['peak_rss_mib']:,.0f} | "
@@ -248,6 +253,31 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def combine(rounds: list[list[dict]]) -> list[dict]:
+    """One result per row from interleaved rounds: the round with the median SPS, plus
+    ``sps_rounds`` and ``vs`` (the median over rounds of the SPS ratio to the base row of the
+    same round: the host's speed drifts between rounds, much less within one)."""
+    if len(rounds) == 1:
+        return rounds[0]
+    combined = []
+    for i, first in enumerate(rounds[0]):
+        runs = [r[i] for r in rounds if "sps" in r[i]]
+        if not runs:
+            combined.append(first)
+            continue
+        runs_by_sps = sorted(runs, key=lambda r: r["sps"])
+        row = dict(runs_by_sps[len(runs_by_sps) // 2])
+        row["sps_rounds"] = [r["sps"] for r in runs]
+        base = next((j for j, r in enumerate(rounds[0]) if r["name"] == first.get("base")), None)
+        if base is not None and base != i:
+            ratios = sorted(r[i]["sps"] / r[base]["sps"] for r in rounds
+                            if "sps" in r[i] and "sps" in r[base])
+            if ratios:
+                row["vs"] = ratios[len(ratios) // 2]
+        combined.append(row)
+    return combined
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -255,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", nargs="*", help="row names to run")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run the rows R times, interleaved; report the median SPS of each "
+                             "row and the median of its ratios to its base row within a round")
     parser.add_argument("--json", default="benchmarks/out/results.json")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one row
     args = parser.parse_args(argv)
@@ -263,23 +296,25 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(measure(json.loads(args.one), args.device, args.threads)))
         return 0
 
-    results = []
-    for spec in rows(args.quick):
-        if args.only and spec["name"] not in args.only:
-            continue
-        cmd = [sys.executable, "-m", "benchmarks.run", "--one", json.dumps(spec),
-               "--device", args.device]
-        if args.threads:
-            cmd += ["--threads", str(args.threads)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode:
-            tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
-            result = {"error": tail[:120]}
-        else:
-            result = json.loads(proc.stdout.strip().splitlines()[-1])
-        results.append({"name": spec["name"], "what": spec["what"], "base": spec.get("base"),
-                        **result})
-        print(f"{spec['name']}: {json.dumps(result)}", file=sys.stderr, flush=True)
+    specs = [spec for spec in rows(args.quick) if not args.only or spec["name"] in args.only]
+    rounds = []
+    for _ in range(max(1, args.repeat)):
+        rounds.append([])
+        for spec in specs:
+            cmd = [sys.executable, "-m", "benchmarks.run", "--one", json.dumps(spec),
+                   "--device", args.device]
+            if args.threads:
+                cmd += ["--threads", str(args.threads)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode:
+                tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
+                result = {"error": tail[:120]}
+            else:
+                result = json.loads(proc.stdout.strip().splitlines()[-1])
+            rounds[-1].append({"name": spec["name"], "what": spec["what"],
+                               "base": spec.get("base"), **result})
+            print(f"{spec['name']}: {json.dumps(result)}", file=sys.stderr, flush=True)
+    results = combine(rounds)
     header = f"Machine: {machine(args.device, args.threads)}\n"
     print(header)
     print(table(results))

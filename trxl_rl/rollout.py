@@ -139,7 +139,7 @@ class Rollout:
     def _episode_ids(self) -> Tensor:
         """``[K + T, B]`` episode id of every record slot: equal ids = same episode,
         -1 = no token (invalid history before the rollout)."""
-        prefix = torch.where(self.prefix_valid.T, 0, -1)  # [M, B]
+        prefix = torch.where(self.prefix_valid.T, 0, -1)  # [K, B]
         return torch.cat([prefix, self.episode_start.long().cumsum(0)], 0)
 
     def minibatches(self, segment_length: int, num_minibatches: int,
