@@ -735,7 +735,7 @@ def report(suite: Suite, layout: Layout, docs: Path | None) -> str:
     results = load_results(layout, suite)
     rows = aggregate(results, suite)
     title = f"# {suite.name}: {len(results)} finished runs\n\n"
-    table = title + markdown_table(rows, suite)
+    table = title + (markdown_table(rows, suite) if rows else "No finished runs yet.\n")
     layout.out.mkdir(parents=True, exist_ok=True)
     (layout.out / "table.md").write_text(table)
     (layout.out / "table.json").write_text(json.dumps({"suite": suite.name, "rows": rows},
