@@ -108,6 +108,7 @@ class Suite:
     seeds: list[int]
     tasks: dict[str, Task]
     defaults: dict = dataclasses.field(default_factory=dict)
+    forced: dict = dataclasses.field(default_factory=dict)  # --set: after the tasks' options
 
 
 def _keys(where: str, data: Any, required: set[str], optional: set[str]) -> dict:
@@ -234,11 +235,11 @@ class Run:
 
 
 def run_overrides(suite: Suite, task: Task, backbone: str) -> dict:
-    """The trainer options of one run: suite defaults, then the task's, without the backbone
-    sections (``model.<section>.*``) that this run's backbone does not read."""
+    """The trainer options of one run: suite defaults, the task's, then ``--set``'s, without
+    the backbone sections (``model.<section>.*``) that this run's backbone does not read."""
     section = None if backbone == "none" else backbone
     out = {}
-    for key, value in {**suite.defaults, **task.overrides}.items():
+    for key, value in {**suite.defaults, **task.overrides, **suite.forced}.items():
         parts = key.split(".")
         if len(parts) > 2 and parts[0] == "model" and parts[1] in SECTIONS \
                 and parts[1] != section:
@@ -772,7 +773,7 @@ def adjust(suite: Suite, args: argparse.Namespace) -> None:
             task.budget = args.budget
     for key, raw in args.set:
         try:
-            suite.defaults[key] = yaml.safe_load(raw)
+            suite.forced[key] = yaml.safe_load(raw)
         except yaml.YAMLError:
             raise SuiteError(f"cannot parse the value {raw!r} of --set {key}") from None
 
@@ -795,7 +796,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "--out)")
     parser.add_argument("--set", nargs=2, action="append", default=[],
                         metavar=("KEY", "VALUE"),
-                        help="a trainer option for every run, after the suite's (e.g. --set "
+                        help="a trainer option for every run, over the suite's (e.g. --set "
                              "eval_episodes 0); repeatable")
     parser.add_argument("--list", action="store_true",
                         help="list the selected runs, their state and command; run nothing")

@@ -148,6 +148,8 @@ def test_backbone_sections_reach_only_the_runs_of_their_backbone(tmp_path):
                    ["--threads", "1"], ["--progress", "false"], ["--eval_episodes", "4"]):
         assert any(cmd[i:i + 2] == option for i in range(len(cmd))), option
     assert "--model.trxl.memory_length" not in cmd
+    suite.forced["model.trxl.memory_length"] = 8  # --set model.trxl.memory_length 8 wins
+    assert run_overrides(suite, task, "trxl")["model.trxl.memory_length"] == 8
 
 
 BAD_SUITES = [
