@@ -486,7 +486,8 @@ def execute(runs: list[Run], suite: Suite, layout: Layout, jobs: int, device: st
         running[proc.pid] = (run, proc, time.perf_counter(), state, log)
         say(f"{run.name}: {'resumed' if state == 'resume' else 'started'}")
 
-    def reap(block: bool) -> list[tuple[Run, int, dict]]:
+    def reap(block: bool) -> list[tuple[Run, int]]:
+        """The runs that ended (their exit codes), each attempt recorded in its directory."""
         done = []
         for pid in list(running):
             got, status, usage = os.wait4(pid, 0 if block else os.WNOHANG)
@@ -500,14 +501,19 @@ def execute(runs: list[Run], suite: Suite, layout: Layout, jobs: int, device: st
                      "seconds": round(time.perf_counter() - started, 2),
                      "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 2)}
             _record_attempt(layout.run_dir(run), entry)
-            done.append((run, proc.returncode, entry))
+            done.append((run, proc.returncode))
         return done
 
     def conclude(run: Run, code: int) -> None:
         nonlocal finished, failed
         if code == 0:
+            try:
+                result = write_result(run, suite, layout)
+            except (OSError, KeyError, ValueError) as err:
+                failed += 1
+                say(f"{run.name}: trained, but its result could not be built: {err}")
+                return
             finished += 1
-            result = write_result(run, suite, layout)
             say(f"{run.name}: finished ({describe(result)})")
         else:
             failed += 1
@@ -524,7 +530,7 @@ def execute(runs: list[Run], suite: Suite, layout: Layout, jobs: int, device: st
         while queue or running:
             while queue and len(running) < jobs:
                 start(queue.popleft())
-            for run, code, _ in reap(block=False):
+            for run, code in reap(block=False):
                 conclude(run, code)
             time.sleep(0.1)
     except (KeyboardInterrupt, Stop):
@@ -534,7 +540,7 @@ def execute(runs: list[Run], suite: Suite, layout: Layout, jobs: int, device: st
         _signal_all(running, signal.SIGINT)
         try:
             while running:
-                for run, code, _ in reap(block=False):
+                for run, code in reap(block=False):
                     if code == 0:
                         conclude(run, 0)
                 time.sleep(0.1)
