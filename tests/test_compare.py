@@ -194,6 +194,7 @@ def test_an_unknown_task_or_backbone_is_a_one_line_error_with_exit_code_2(tmp_pa
     assert err.startswith("error: ") and err.count("\n") == 1 and needle in err
 
 
+@pytest.mark.filterwarnings("ignore:Maze environments:DeprecationWarning")  # popgym's note
 @pytest.mark.parametrize("path", [FULL_SUITE, QUICK_SUITE], ids=lambda p: p.name)
 def test_shipped_suites_build_every_run_config_and_env(path):
     pytest.importorskip("popgym")
