@@ -42,7 +42,7 @@ Suite file (unknown keys are errors)::
         threshold: 0.9                     # for "steps to threshold" (training curve)
         tests: what the task tests         # one line, for the README
         overrides: {env.kwargs.delay: 16, model.trxl.memory_length: 128}
-        reference: {value: -0.315, source: "..."}   # optional: a published GRU MMER
+        reference: {value: 0.5, source: "..."}      # optional: a published GRU MMER
 
 Overrides are the trainer's dotted ``--KEY VALUE`` options. Keys of a backbone's section
 (``model.trxl.*``, ``model.gtrxl.*``, ``model.gru.*``, ``model.lstm.*``) go only to the runs
@@ -789,7 +789,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", help=f"suite file (default {FULL_SUITE.relative_to(HERE.parent)}"
                                         f"; --quick: {QUICK_SUITE.relative_to(HERE.parent)})")
-    parser.add_argument("--quick", action="store_true", help="the quick suite (minutes)")
+    parser.add_argument("--quick", action="store_true", help="the quick suite (under a minute)")
     parser.add_argument("--tasks", nargs="+", help="run these tasks only")
     parser.add_argument("--backbones", nargs="+", help="run these backbones only")
     parser.add_argument("--seeds", nargs="+", type=int, help="run these seeds only")
