@@ -10,7 +10,7 @@ from gymnasium import spaces
 
 from .cue_recall import CUE_RECALL_ID
 from .minigrid_memory import MEMORY_MAX_STEPS, make_minigrid_memory
-from .popgym import is_popgym_id, popgym_problem
+from .popgym import MazeSeed, is_maze, is_popgym_id, popgym_problem
 from .wrappers import (
     ClipBoxAction,
     PreviousAction,
@@ -95,7 +95,8 @@ def _make(env_id: str, **kwargs: Any) -> gym.Env:
         problem = popgym_problem(env_id)
         if problem is not None:
             raise UnknownEnvError(problem)
-        return RecordSuccess(gym.make(env_id, **kwargs))
+        env = gym.make(env_id, **kwargs)
+        return RecordSuccess(MazeSeed(env) if is_maze(env) else env)
     if ":" not in env_id and env_id not in gym.registry:
         import minigrid  # noqa: F401  (registers the MiniGrid ids)
 

@@ -24,6 +24,11 @@ agent:
   (MultiarmedBandit, Battleship, Concentration, MineSweeper, the Labyrinths) cannot be
   solved without it.
 
+The maze environments (the Labyrinths) seed numpy's and Python's global generators with the
+reset seed, and numpy's legacy seeding refuses seeds of 2**32 and above, which
+:func:`trxl_rl.envs.replay.episode_seed` gives every episode after an env's first: their
+seeds are reduced modulo 2**32 (:class:`MazeSeed`).
+
 Episodes end by the environments' own rules (``max_episode_length`` of each class); no
 ``TimeLimit`` is added. Rewards are the package's, scaled so that an episode's return lies
 in [-1, 1] (what POPGym's MMER metric averages).
@@ -118,3 +123,17 @@ def popgym_problem(env_id: str) -> str | None:
     return (f"unknown POPGym environment id {env_id!r}; {hint}the ids are "
             f"{popgym_id('<ClassName>')} for the classes in popgym.envs "
             f"(trxl_rl.envs.list_env_ids() lists them)")
+
+
+class MazeSeed(gym.Wrapper):
+    """Pass reset seeds modulo 2**32: POPGym's mazes hand them to ``np.random.seed``, which
+    refuses larger ones (the 64-bit seeds of an env's later episodes)."""
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        return self.env.reset(seed=None if seed is None else seed % 2**32, options=options)
+
+
+def is_maze(env: gym.Env) -> bool:
+    """Whether ``env`` is one of POPGym's maze environments (a ``MazeEnv``)."""
+    return any(cls.__name__ == "MazeEnv" and cls.__module__.startswith("popgym.")
+               for cls in type(env.unwrapped).__mro__)

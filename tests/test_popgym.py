@@ -18,7 +18,7 @@ from trxl_rl.agents.encoders import MLPEncoder
 from trxl_rl.checkpoint import space_from_dict, space_to_dict
 from trxl_rl.config import build_config
 from trxl_rl.envs import UnknownEnvError, make_env
-from trxl_rl.envs.popgym import INSTALL_HINT, popgym_id, register_popgym
+from trxl_rl.envs.popgym import INSTALL_HINT, is_maze, popgym_id, register_popgym
 from trxl_rl.envs.wrappers import UntupleObservation, untuple_space
 from trxl_rl.train import main, train
 
@@ -54,6 +54,17 @@ def test_base_classes_take_their_constructor_arguments(popgym_ids):
     env = make_env("popgym/RepeatPrevious-v0", num_decks=2, k=3)
     assert env.unwrapped.k == 3
     assert env.observation_space["obs"] == spaces.Discrete(4)
+
+
+def test_mazes_take_the_64_bit_seeds_of_an_envs_later_episodes(popgym_ids):
+    from trxl_rl.envs.replay import episode_seed
+
+    seed = episode_seed(1, 1)
+    assert seed >= 2**32  # what numpy's legacy np.random.seed refuses
+    env = make_env("popgym/LabyrinthEscapeEasy-v0")
+    first = env.reset(seed=seed)[0]["obs"]
+    assert np.array_equal(env.reset(seed=seed)[0]["obs"], first)
+    assert not is_maze(make_env("popgym/RepeatPreviousMedium-v0"))
 
 
 def test_unknown_popgym_name_suggests_close_ids(popgym_ids):
