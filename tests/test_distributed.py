@@ -392,3 +392,28 @@ def test_a_rank_that_stops_answering_ends_the_run_after_the_timeout(tmp_path):
         rank1.kill()
         rank1.communicate()
 
+
+
+# --- CUDA (benchmarks/gpu_check.sh runs these) -----------------------------------------------
+
+@pytest.mark.distributed
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_two_cuda_ranks_train_one_gpu_each_with_identical_weights(tmp_path):
+    result = torchrun(*TINY, "--device", "cuda", "--total-steps", str(2 * STEPS_PER_UPDATE),
+                      "--log_dir", "runs", "--run-name", "c", cwd=tmp_path,
+                      record=tmp_path / "records")
+    assert result.returncode == 0, result.stderr
+    rank0, rank1 = (r["updates"] for r in records(tmp_path / "records"))
+    assert [u["weights"] for u in rank0] == [u["weights"] for u in rank1]
+    assert all(abs(u["stats"]["losses/first_minibatch_approx_kl"]) < 1e-6 for u in rank0)
+
+
+@pytest.mark.distributed
+@pytest.mark.skipif(torch.cuda.device_count() != 1, reason="needs exactly one CUDA device")
+def test_more_cuda_ranks_than_gpus_are_refused_in_one_line(tmp_path):
+    result = torchrun(*TINY, "--device", "cuda", "--log_dir", "runs", cwd=tmp_path)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: rank 1: local rank 1 has no GPU of its own (1 visible): start at "
+                      "most 1 ranks per machine (--nproc-per-node) or train with --device cpu"]
+    assert files_under(tmp_path) == []
