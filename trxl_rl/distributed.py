@@ -214,16 +214,22 @@ class Ranks:
         with self._collective("averaging the gradients"):
             dist.all_reduce(flat, group=self._group(flat))
         flat /= self.world_size
-        offset = 0
-        views = []
+        views, offset = [], 0
         for p in params:
             views.append(flat[offset: offset + p.numel()].view_as(p))
             offset += p.numel()
-        had = flat[offset: offset + len(params)]
+        # Which parameters some rank had a gradient for is read (a host sync on a GPU) only
+        # where this rank had none.
+        missing = {i for i, p in enumerate(params) if p.grad is None}
+        if missing:
+            had = flat[offset: offset + len(params)].tolist()
+            missing = {i for i in missing if had[i] > 0}
+        for i, (p, view) in enumerate(zip(params, views, strict=True)):
+            if p.grad is not None:
+                p.grad.copy_(view)
+            elif i in missing:
+                p.grad = view.to(p.dtype).clone()
         offset += len(params)
-        for p, view, any_grad in zip(params, views, had.tolist(), strict=True):
-            if any_grad > 0:
-                p.grad = view.to(p.dtype).clone() if p.grad is None else p.grad.copy_(view)
         out = []
         for e in extra:
             out.append(flat[offset: offset + e.numel()].view_as(e).to(e.dtype))
