@@ -135,10 +135,14 @@ class Ranks:
     def start(self) -> Ranks:
         """Join the other ranks (the default ``gloo`` group); a single process does nothing."""
         if self.distributed and not dist.is_initialized():
-            seconds = os.environ.get(TIMEOUT_VARIABLE)
-            timeout = TIMEOUT if seconds is None else timedelta(seconds=float(seconds))
-            dist.init_process_group("gloo", timeout=timeout)
+            dist.init_process_group("gloo", timeout=self.timeout())
         return self
+
+    @staticmethod
+    def timeout() -> timedelta:
+        """:data:`TIMEOUT`, or ``TRXL_RL_COLLECTIVE_TIMEOUT`` seconds where that is set."""
+        seconds = os.environ.get(TIMEOUT_VARIABLE)
+        return TIMEOUT if seconds is None else timedelta(seconds=float(seconds))
 
     def close(self) -> None:
         if self.distributed and dist.is_initialized():
@@ -169,7 +173,7 @@ class Ranks:
         self.check_device(device)
         torch.cuda.set_device(self.local_rank)
         if self._gradient_group is None:
-            self._gradient_group = dist.new_group(backend="nccl")
+            self._gradient_group = dist.new_group(backend="nccl", timeout=self.timeout())
         return torch.device("cuda", self.local_rank)
 
     def _group(self, tensor: Tensor) -> Any:
