@@ -269,6 +269,21 @@ def test_resumed_two_rank_run_equals_the_uninterrupted_run_bit_for_bit(two_ranks
 
 
 @pytest.mark.distributed
+def test_target_kl_stops_every_rank_after_the_same_minibatch(tmp_path):
+    """The early stop is decided on the ranks' mean KL, so no rank waits for a minibatch
+    that the other skipped."""
+    result = torchrun(*TINY, "--ppo.target_kl", "1.0e-7", "--ppo.learning_rate", "0.01",
+                      "--total-steps", str(2 * STEPS_PER_UPDATE), "--log_dir", "runs",
+                      cwd=tmp_path, record=tmp_path / "records")
+    assert result.returncode == 0, result.stderr
+    rank0, rank1 = records(tmp_path / "records")
+    for u in range(2):
+        counts = [r["reductions"][u]["mine"]["losses/minibatch_updates"] for r in (rank0, rank1)]
+        assert counts[0] == counts[1] < 2 * 2  # stopped early, at the same minibatch
+        assert rank0["updates"][u]["weights"] == rank1["updates"][u]["weights"]
+
+
+@pytest.mark.distributed
 def test_two_ranks_refuse_a_single_process_checkpoint_in_one_line(tmp_path):
     train(small_config(log_dir=str(tmp_path), run_name="single"))
     before = files_under(tmp_path)
