@@ -4,6 +4,7 @@
     python -m benchmarks.scaling                          # env, 1x2, 1x1, 2x1 (a 2-core machine)
     python -m benchmarks.scaling --rows env 1x1 2x1 4x1 8x1 1x1:cuda   # a GPU machine
     python -m benchmarks.scaling --quick                  # 1 timed update per row, not 3
+    python -m benchmarks.scaling --repeat 3               # interleaved rounds, medians
 
 A row ``RxT`` runs R ranks with T threads each on the CPU, ``RxT:cuda`` R ranks with one GPU
 each (``cuda:LOCAL_RANK``) and T CPU threads each. Each rank runs the preset as
@@ -12,7 +13,9 @@ warm-up iteration not counted), plus what a data-parallel trainer adds: the all-
 gradients of every minibatch and of the logged statistics of every update. SPS counts the
 steps of all ranks. ``env`` is the preset's 16 envs alone in one process with random actions
 (one core's ceiling, and a gauge of how busy the host is). Compare rows of one run, as ratios
-(``vs 1x1``): on a shared host every row moves with the load.
+(``vs 1x1``): on a shared host every row moves with the load. With ``--repeat R`` the rows run
+R times, interleaved; a row shows its median SPS and the median of its ratios to ``1x1``
+within a round (as ``benchmarks.run --repeat``).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.run import machine
+from benchmarks.run import combine, machine
 
 DEFAULT_ROWS = ["env", "1x2", "1x1", "2x1"]
 
@@ -78,7 +81,10 @@ def table(results: list[dict]) -> str:
             f"{r['ranks']} x {r['threads']}"
         kl = f"{r['max_abs_first_minibatch_kl']:.1e}" if "max_abs_first_minibatch_kl" in r \
             else "-"
-        ratio = f"{r['sps'] / base:.2f}x" if base and r["name"] != "1x1" else ""
+        if "vs" in r:  # the median of the ratios within --repeat rounds
+            ratio = f"{r['vs']:.2f}x"
+        else:
+            ratio = f"{r['sps'] / base:.2f}x" if base and r["name"] != "1x1" else ""
         lines.append(
             f"| {r['name']} | {shape} | {r.get('device', 'cpu')} | {r['sps']:,.0f} | {ratio} | "
             f"{share['env']:.0%} / {share['inference']:.0%} / {share['update']:.0%} | "
@@ -92,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", nargs="*", default=DEFAULT_ROWS,
                         help="env, RxT (R CPU ranks of T threads) or RxT:cuda")
     parser.add_argument("--quick", action="store_true", help="1 timed update per row, not 3")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run the rows R times, interleaved; medians (see above)")
     parser.add_argument("--json", default="benchmarks/out/scaling.json")
     args = parser.parse_args(argv)
     for name in args.rows:
@@ -101,11 +109,15 @@ def main(argv: list[str] | None = None) -> int:
             except argparse.ArgumentTypeError as err:
                 parser.error(str(err))
 
-    results = []
-    for name in args.rows:
-        result = {"name": name, **run_row(name, 1 if args.quick else 3)}
-        results.append(result)
-        print(f"{name}: {json.dumps(result)}", file=sys.stderr, flush=True)
+    rounds = []
+    for _ in range(max(1, args.repeat)):
+        rounds.append([])
+        for name in args.rows:
+            result = {"name": name, "base": None if name == "1x1" else "1x1",
+                      **run_row(name, 1 if args.quick else 3)}
+            rounds[-1].append(result)
+            print(f"{name}: {json.dumps(result)}", file=sys.stderr, flush=True)
+    results = combine(rounds)
     devices = sorted({parse_row(n)[2] for n in args.rows if n != "env"})
     header = f"Machine: {machine('cuda' if 'cuda' in devices else 'cpu', None)}\n"
     print(header)
