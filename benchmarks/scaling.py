@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -119,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: {json.dumps(result)}", file=sys.stderr, flush=True)
     results = combine(rounds)
     devices = sorted({parse_row(n)[2] for n in args.rows if n != "env"})
-    header = f"Machine: {machine('cuda' if 'cuda' in devices else 'cpu', None)}\n"
+    host = re.sub(r" \(\d+ threads\)", "", machine("cuda" if "cuda" in devices else "cpu", None))
+    header = f"Machine: {host} (threads: per row)\n"
     print(header)
     print(table(results))
     path = Path(args.json)
