@@ -397,7 +397,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, An
         epilog="Any config field can be overridden with --KEY VALUE (dotted for nested "
                "fields, VALUE parsed as YAML):\n" + OVERRIDE_HELP
                + f"\n\nPresets (for --env): {', '.join(PRESETS)}; these env ids start from "
-                 f"their preset: {', '.join(ENV_PRESETS)}",
+                 f"their preset: {', '.join(ENV_PRESETS)}"
+               + "\n\nData-parallel on K processes (env.num_envs per process, total_steps over "
+                 "all):\n  torchrun --standalone --nproc-per-node K -m trxl_rl.train ...",
     )
     parser.add_argument("--env", help="preset short name or any gymnasium env id "
                                       "(default: MiniGrid-Memory)")
@@ -411,7 +413,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, An
                              "newest checkpoint, or from the checkpoint file RUN, with the "
                              "run's own config; only --total-steps, --device, --threads, "
                              "--progress, --checkpoint_every, --eval_episodes and "
-                             "--eval_deterministic may change. "
+                             "--eval_deterministic may change (a run of K torchrun "
+                             "ranks resumes with K ranks). "
                              "SIGINT/SIGTERM during training save a checkpoint after the "
                              "current update and exit with 130/143")
     args, rest = parser.parse_known_args(argv)
