@@ -73,14 +73,14 @@ def reduce_rows(rows: np.ndarray, ops: list[str]) -> np.ndarray:
     rows = np.asarray(rows, dtype=np.float64)
     if rows.ndim != 2 or rows.shape[1] != len(ops):
         raise ValueError(f"rows must have shape [K, {len(ops)}], got {rows.shape}")
+    unknown = sorted(set(ops) - set(REDUCTIONS))
+    if unknown:
+        raise ValueError(f"unknown reductions {unknown}; known: {', '.join(REDUCTIONS)}")
     out = np.empty(rows.shape[1])
     for name in REDUCTIONS:
         columns = [i for i, op in enumerate(ops) if op == name]
         if columns:
             out[columns] = getattr(np, name)(rows[:, columns], axis=0)
-    unknown = sorted(set(ops) - set(REDUCTIONS))
-    if unknown:
-        raise ValueError(f"unknown reductions {unknown}; known: {', '.join(REDUCTIONS)}")
     return out
 
 
@@ -90,7 +90,7 @@ def weights_digest(module: torch.nn.Module) -> str:
     digest = hashlib.sha1()
     for name, tensor in module.state_dict().items():
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
