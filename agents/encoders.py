@@ -102,7 +102,11 @@ class GridEmbeddingEncoder(ObservationEncoder):
         """:param obs: ``[B, H, W, C]`` integers. :return: ``[B, out_dim]``."""
         obs = obs.long()
         self._check_range(obs)
-        cells = self.embedding(obs + self.offsets).flatten(-2)  # (B, H, W, C * embed)
+        # The embedding lookup as index_select: the same rows and, in the backward pass, the
+        # same sums in the same order (index_add), but ~3x faster than embedding's backward
+        # on CPU (that was ~6% of a PPO update of the MiniGrid-Memory preset).
+        rows = self.embedding.weight.index_select(0, (obs + self.offsets).flatten())
+        cells = rows.view(*obs.shape, -1).flatten(-2)  # (B, H, W, C * embed)
         in_view = cells.flatten(1, 2).amax(1)  # (B, C * embed_dim)
         return torch.relu(self.linear(cells.flatten(1)) + self.pooled(in_view))
 

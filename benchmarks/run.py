@@ -120,40 +120,46 @@ def current_rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def measure(spec: dict, device: str, threads: int | None) -> dict:
-    """Run one row in this process; returns its measurements."""
+def measure(spec: dict, device: str, threads: int | None, ranks=None) -> dict:
+    """Run one row in this process (one rank of a data-parallel run of ``ranks``, a
+    :class:`trxl_rl.distributed.Ranks`, as the trainer runs it: its own envs, gradients and
+    statistics reduced over the ranks); returns its measurements, SPS counting all ranks."""
     import numpy as np
     import torch
 
     from trxl_rl.agents import action_dtype, action_shape, build_agent
     from trxl_rl.config import build_config, preset_path, read_yaml, resolve_device
+    from trxl_rl.distributed import Ranks
     from trxl_rl.envs import make_vector_env
     from trxl_rl.rollout import Rollout
-    from trxl_rl.train import Carry, EpisodeLog, iteration, make_optimizer
+    from trxl_rl.train import Carry, EpisodeLog, iteration, make_optimizer, reduction
 
+    ranks = ranks or Ranks()
     if threads:
         torch.set_num_threads(threads)
     cfg = build_config(read_yaml(preset_path(spec["preset"])),
                        {**spec.get("overrides", {}), "device": device})
     if spec.get("env_only"):
         return measure_envs(cfg, spec["updates"])
-    dev = resolve_device(cfg.device)
-    torch.manual_seed(0)
-    envs = make_vector_env(cfg.env.id, cfg.env.num_envs, cfg.env.vectorization, replay=True,
-                           **cfg.env.kwargs)
+    dev = ranks.device(resolve_device(cfg.device))
+    b, t = cfg.env.num_envs, cfg.ppo.rollout_steps
+    seed = ranks.rank * b  # as the trainer seeds rank r: 0 + r * num_envs
+    torch.manual_seed(seed)
+    envs = make_vector_env(cfg.env.id, b, cfg.env.vectorization, replay=True, **cfg.env.kwargs)
     space, act = envs.single_observation_space, envs.single_action_space
     agent = build_agent(cfg, space, act).to(dev)
+    ranks.broadcast_parameters(agent)
     optimizer = make_optimizer(cfg, agent)
-    b, t = cfg.env.num_envs, cfg.ppo.rollout_steps
     rollout = Rollout(t, b, space, action_shape(act), action_dtype(act), agent.memory, dev)
-    carry = Carry(envs.reset(seed=0)[0], agent.initial_state(b, **spec.get("state", {})),
+    carry = Carry(envs.reset(seed=seed)[0], agent.initial_state(b, **spec.get("state", {})),
                   torch.ones(b, dtype=torch.bool, device=dev))
-    shuffle = torch.Generator().manual_seed(0)
+    shuffle = torch.Generator().manual_seed(seed)
     totals = {"env": 0.0, "inference": 0.0, "update": 0.0}
     rss_trace, kl = [], []
     for i in range(spec["updates"] + 1):
         carry, stats = iteration(agent, optimizer, envs, rollout, carry, cfg.ppo,
-                                 cfg.ppo.entropy_coef, shuffle, EpisodeLog(), dev)
+                                 cfg.ppo.entropy_coef, shuffle, EpisodeLog(), dev, ranks)
+        stats = ranks.reduce_scalars(stats, {key: reduction(key) for key in stats})
         kl.append(stats["losses/first_minibatch_approx_kl"])
         if spec.get("rss_trace"):
             rss_trace.append(round(current_rss_mib(), 1))
@@ -164,7 +170,7 @@ def measure(spec: dict, device: str, threads: int | None) -> dict:
         totals["update"] += stats["charts/update_seconds"]
     envs.close()
     seconds = sum(totals.values())
-    steps = spec["updates"] * b * t
+    steps = spec["updates"] * b * t * ranks.world_size
     result = {
         "sps": steps / seconds,
         "share": {k: v / seconds for k, v in totals.items()},
@@ -292,8 +298,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one row
     args = parser.parse_args(argv)
 
-    if args.one:
-        print(json.dumps(measure(json.loads(args.one), args.device, args.threads)))
+    if args.one:  # one row, in this process or on every rank that torchrun started
+        from trxl_rl.distributed import Ranks
+
+        ranks = Ranks.from_environment().start()
+        try:
+            result = measure(json.loads(args.one), args.device, args.threads, ranks)
+        finally:
+            ranks.close()
+        if ranks.main:
+            print(json.dumps(result))
         return 0
 
     specs = [spec for spec in rows(args.quick) if not args.only or spec["name"] in args.only]

@@ -14,6 +14,11 @@ one never runs code from the file:
 - since format 3, the config names the memory backbone (``model.backbone``, with the
   Transformer-XL's fields in ``model.trxl``) and ``carry`` holds each env's memory as the
   backbone's history (records and valid slots, see :class:`trxl_rl.memory.MemoryBackbone`).
+- since format 4, ``world_size``, the number of ranks of the run (1 for a single process,
+  K for ``torchrun --nproc-per-node K``), and ``other_ranks``, the training state (``rng``,
+  ``shuffle``, ``carry``, ``envs``) of ranks 1 .. K-1 in rank order; the top-level training
+  state is rank 0's. Model and optimizer are shared by all ranks. Formats 2 and 3 are
+  single-process runs.
 
 Format 1 files (written before the training state was added) load for evaluation and
 :func:`load_agent`, but cannot be resumed. Formats 1 and 2 (Transformer-XL only, its fields
@@ -36,9 +41,9 @@ from gymnasium import spaces
 from trxl_rl.agents import MemoryAgent, build_agent
 from trxl_rl.config import ConfigError, TrainConfig, build_config
 
-FORMAT_VERSION = 3
-READABLE_FORMATS = (1, 2, 3)
-RESUMABLE_FORMATS = (2, 3)
+FORMAT_VERSION = 4
+READABLE_FORMATS = (1, 2, 3, 4)
+RESUMABLE_FORMATS = (2, 3, 4)
 # The Transformer-XL fields that formats 1 and 2 kept directly under ``model``.
 _TRXL_FIELDS_BEFORE_3 = ("dim", "num_layers", "num_heads", "memory_length",
                          "positional_encoding", "gating", "norm", "ff_dim", "gate_bias")

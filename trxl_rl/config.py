@@ -29,7 +29,8 @@ class ConfigError(ValueError):
 class EnvConfig:
     """:param id: environment id (``trxl_rl.envs.make_env``).
     :param kwargs: keyword arguments of ``make_env`` (e.g. ``obs: rgb``).
-    :param num_envs: parallel environments, each with its own memory.
+    :param num_envs: parallel environments, each with its own memory (per rank of a
+        torchrun run: K ranks step K x num_envs).
     :param vectorization: ``sync`` (one process) or ``async`` (subprocess per env)."""
 
     id: str = "MiniGrid-MemoryS9-v0"
@@ -119,8 +120,8 @@ class PPOConfig:
 class TrainConfig:
     """Everything a training run needs.
 
-    :param total_steps: the budget of environment steps (all envs together): training runs
-        as many whole rollouts as fit in it (at least one).
+    :param total_steps: the budget of environment steps (all envs of all ranks together):
+        training runs as many whole rollouts as fit in it (at least one).
     :param device: ``auto`` (cuda if available), ``cpu`` or ``cuda``.
     :param threads: torch CPU threads (None: torch's default).
     :param checkpoint_every: updates between checkpoints (one is always written at the end).

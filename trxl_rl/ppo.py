@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from trxl_rl.config import PPOConfig
+from trxl_rl.distributed import Ranks
 from trxl_rl.rollout import Rollout
 
 
@@ -15,8 +16,8 @@ def linear_schedule(start: float, end: float | None, progress: float) -> float:
 
 
 def ppo_update(agent: nn.Module, optimizer: torch.optim.Optimizer, rollout: Rollout,
-               cfg: PPOConfig, entropy_coef: float, generator: torch.Generator | None = None
-               ) -> dict[str, float]:
+               cfg: PPOConfig, entropy_coef: float, generator: torch.Generator | None = None,
+               ranks: Ranks | None = None) -> dict[str, float]:
     """Run ``cfg.epochs`` epochs of clipped-PPO minibatch updates on ``rollout``.
 
     Every minibatch recomputes its segments in parallel from the stored memory; before the
@@ -25,8 +26,15 @@ def ppo_update(agent: nn.Module, optimizer: torch.optim.Optimizer, rollout: Roll
     differences of its log-probs and values (``losses/first_minibatch_max_logprob_error``,
     ``losses/first_minibatch_max_value_error``; ~1e-6 in float32).
 
+    With ``ranks`` of a data-parallel run, every minibatch's gradients (and its approx_kl, on
+    which the ``target_kl`` early stop is decided) are averaged over the ranks before the
+    gradient is clipped, so every rank takes the same optimizer steps; each rank normalises
+    the advantages of its own share of the minibatch. The returned scalars are this rank's,
+    but for ``losses/explained_variance``, computed on all ranks' rollouts together.
+
     :return: scalars keyed by their TensorBoard names.
     """
+    ranks = ranks or Ranks()
     clip = cfg.clip_coef
     sums: dict[str, torch.Tensor] = {}  # summed on the device: one host sync per update
     count = 0
@@ -67,6 +75,7 @@ def ppo_update(agent: nn.Module, optimizer: torch.optim.Optimizer, rollout: Roll
 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            (mean_kl,) = ranks.average_gradients(agent.parameters(), approx_kl)
             grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), cfg.max_grad_norm)
             optimizer.step()
 
@@ -75,13 +84,14 @@ def ppo_update(agent: nn.Module, optimizer: torch.optim.Optimizer, rollout: Roll
                                ("clipfrac", clipfrac), ("grad_norm", grad_norm)):
                 sums[key] = sums.get(key, 0.0) + value.detach()
             count += 1
-            if cfg.target_kl is not None and approx_kl.item() > cfg.target_kl:
+            if cfg.target_kl is not None and mean_kl.item() > cfg.target_kl:
                 stop = True
                 break
         if stop:
             break
 
-    values, returns = rollout.values.flatten(), rollout.returns.flatten()
+    values = ranks.all_gather(rollout.values.flatten())
+    returns = ranks.all_gather(rollout.returns.flatten())
     var = returns.var()
     explained = (1 - (returns - values).var() / var).item() if var > 0 else float("nan")
     stats = {f"losses/{key}": total.item() / count for key, total in sums.items()}

@@ -12,6 +12,10 @@ stopped. A checkpoint written by the trainer also holds (:func:`training_state`)
 - the environments, as plain data: each env's episode seed and the actions taken in its
   current episode (:mod:`trxl_rl.envs.replay`), plus the running episode returns and lengths.
 
+A data-parallel run (:mod:`trxl_rl.distributed`) has one such training state per rank: rank 0
+gathers them and writes them all (``other_ranks``); each rank restores its own
+(:func:`rank_view`), and only with as many ranks as wrote them (:func:`check_world_size`).
+
 :func:`restore_training` puts all of it back; on CPU the resumed run then computes exactly
 what the uninterrupted run would have (tested bit for bit). The environments are rebuilt by
 replaying their current episode, which requires ``reset(seed=...)`` and ``step`` to be
@@ -97,6 +101,37 @@ def training_state(envs, obs, backbone: MemoryBackbone, state: Any, episode_star
         },
         "envs": _plain(vector_env_state(envs)),
     }
+
+
+TRAINING_STATE = ("rng", "shuffle", "carry", "envs")
+
+
+def checkpoint_world_size(checkpoint: dict) -> int:
+    """The number of ranks of the run that wrote ``checkpoint`` (1 before format 4)."""
+    return int(checkpoint.get("world_size", 1))
+
+
+def check_world_size(checkpoint: dict, world_size: int) -> None:
+    """:raises CheckpointError: the checkpoint was written by a run of another number of
+    ranks (it holds each rank's envs, memory and generators, which cannot be split or
+    merged)."""
+    saved = checkpoint_world_size(checkpoint)
+    if saved == world_size:
+        return
+    def runs(k: int) -> str:
+        return "a single process" if k == 1 else f"{k} ranks"
+    command = "python -m trxl_rl.train" if saved == 1 else \
+        f"torchrun --nproc-per-node {saved} -m trxl_rl.train"
+    raise CheckpointError(
+        f"{checkpoint.get('path', 'checkpoint')!r} was written by {runs(saved)} and this run "
+        f"has {runs(world_size)}: resume it with {runs(saved)} ({command} --resume RUN)")
+
+
+def rank_view(checkpoint: dict, rank: int) -> dict:
+    """``checkpoint`` with rank ``rank``'s training state in place of rank 0's."""
+    if rank == 0:
+        return checkpoint
+    return {**checkpoint, **checkpoint["other_ranks"][rank - 1]}
 
 
 def _obs_equal(a: Any, b: Any) -> bool:
@@ -201,12 +236,16 @@ class StopOnSignal:
     ``KeyboardInterrupt``, SIGTERM ends the process), leaving the previous checkpoint.
 
     Handlers can only be installed from the main thread; elsewhere this does nothing.
+
+    :param announce: print what happens on stderr when the signal arrives (the other ranks
+        of a data-parallel run stay quiet).
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self) -> None:
+    def __init__(self, announce: bool = True) -> None:
         self.signum: int | None = None
+        self.announce = announce
         self._previous: dict[int, Any] = {}
 
     def install(self) -> StopOnSignal:
@@ -223,5 +262,7 @@ class StopOnSignal:
     def _handle(self, signum: int, frame: Any) -> None:
         self.signum = signum
         self.uninstall()
-        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this update, then "
-              "stopping (send it again to stop at once without saving)", file=sys.stderr)
+        if self.announce:
+            print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this update, "
+                  "then stopping (send it again to stop at once without saving)",
+                  file=sys.stderr)

@@ -8,6 +8,16 @@
 One iteration: collect ``rollout_steps`` steps of every env (each env keeps its own memory
 across rollouts, reset only at its episode boundaries), compute GAE, then run PPO epochs over
 shuffled (env, segment) chunks that are recomputed from the stored memory.
+
+Data-parallel on K processes (ranks), with torch.distributed (:mod:`trxl_rl.distributed`):
+
+    torchrun --standalone --nproc-per-node K -m trxl_rl.train --env MiniGrid-Memory
+
+Every rank runs ``env.num_envs`` envs of its own (env ``i`` of rank ``r`` is seeded with
+``seed + r * num_envs + i``) and its own rollout; the gradients of every minibatch are averaged
+over the ranks. ``total_steps`` counts the steps of all ranks. Rank 0 alone writes TensorBoard,
+``config.yaml``, checkpoints (with every rank's training state) and ``summary.json``, shows the
+progress bar and runs the final evaluation.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -51,10 +62,13 @@ from trxl_rl.config import (
     read_yaml,
     resolve_device,
 )
+from trxl_rl.distributed import RankLost, Ranks, weights_digest
 from trxl_rl.ppo import linear_schedule, ppo_update
 from trxl_rl.resume import (
     StopOnSignal,
     TrainingInterrupted,
+    check_world_size,
+    rank_view,
     restore_training,
     resume_config,
     run_dir_of,
@@ -64,7 +78,7 @@ from trxl_rl.rollout import Rollout, obs_to_tensor
 
 
 class EpisodeLog:
-    """Statistics of the episodes completed since the last :meth:`flush`."""
+    """The episodes completed since the last :meth:`flush`."""
 
     def __init__(self) -> None:
         self.returns: list[float] = []
@@ -77,14 +91,44 @@ class EpisodeLog:
         self.successes += [s for s in finished["success"].tolist() if not np.isnan(s)]
 
     def flush(self) -> dict[str, float]:
-        out = {}
-        if self.returns:
-            out["charts/episodic_return"] = float(np.mean(self.returns))
-            out["charts/episodic_length"] = float(np.mean(self.lengths))
-        if self.successes:
-            out["charts/success_rate"] = float(np.mean(self.successes))
+        """Sums and counts of the episodes (:data:`EPISODE_TOTALS`; summed over ranks, they
+        are those of all ranks' episodes), then forget them. :func:`episode_means` turns them
+        into the logged means."""
+        out = {"episodes/count": float(len(self.returns)),
+               "episodes/return_sum": float(np.sum(self.returns)),
+               "episodes/length_sum": float(np.sum(self.lengths)),
+               "episodes/success_count": float(len(self.successes)),
+               "episodes/success_sum": float(np.sum(self.successes))}
         self.__init__()
         return out
+
+
+EPISODE_TOTALS = ("episodes/count", "episodes/return_sum", "episodes/length_sum",
+                  "episodes/success_count", "episodes/success_sum")
+
+
+def episode_means(totals: dict[str, float]) -> dict[str, float]:
+    """``charts/episodic_return``, ``charts/episodic_length`` and ``charts/success_rate`` (the
+    means over the episodes counted in ``totals``; absent where there are none)."""
+    out = {}
+    if totals["episodes/count"]:
+        out["charts/episodic_return"] = totals["episodes/return_sum"] / totals["episodes/count"]
+        out["charts/episodic_length"] = totals["episodes/length_sum"] / totals["episodes/count"]
+    if totals["episodes/success_count"]:
+        out["charts/success_rate"] = (totals["episodes/success_sum"]
+                                      / totals["episodes/success_count"])
+    return out
+
+
+def reduction(key: str) -> str:
+    """How a logged scalar combines over ranks: episode sums and counts add up (their means
+    are then over all ranks' episodes), the first-minibatch checks take the worst rank; the
+    rest (losses, seconds) is the mean over ranks."""
+    if key in EPISODE_TOTALS:
+        return "sum"
+    if key.startswith("losses/first_minibatch_"):
+        return "max"
+    return "mean"
 
 
 class Carry(NamedTuple):
@@ -148,9 +192,11 @@ def collect(agent, envs, rollout: Rollout, carry: Carry, device: torch.device,
 
 def iteration(agent, optimizer: torch.optim.Optimizer, envs, rollout: Rollout, carry: Carry,
               ppo: PPOConfig, entropy_coef: float, shuffle: torch.Generator,
-              episodes: EpisodeLog, device: torch.device) -> tuple[Carry, dict[str, float]]:
-    """One training iteration: a rollout, GAE, then the PPO update. Returns the new carry and
-    the update's scalars plus ``charts/{env,rollout,update}_seconds``."""
+              episodes: EpisodeLog, device: torch.device, ranks: Ranks | None = None
+              ) -> tuple[Carry, dict[str, float]]:
+    """One training iteration: a rollout, GAE, then the PPO update (gradients averaged over
+    ``ranks``). Returns the new carry and the update's scalars (this rank's) plus
+    ``charts/{env,rollout,update}_seconds``."""
     def now() -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -163,7 +209,7 @@ def iteration(agent, optimizer: torch.optim.Optimizer, envs, rollout: Rollout, c
     rollout.compute_returns(last_value, ppo.gamma, ppo.gae_lambda)
     t1 = now()
     agent.train()
-    stats = ppo_update(agent, optimizer, rollout, ppo, entropy_coef, shuffle)
+    stats = ppo_update(agent, optimizer, rollout, ppo, entropy_coef, shuffle, ranks)
     t2 = now()
     stats["charts/env_seconds"] = env_seconds
     stats["charts/rollout_seconds"] = t1 - t0
@@ -172,75 +218,98 @@ def iteration(agent, optimizer: torch.optim.Optimizer, envs, rollout: Rollout, c
 
 
 def train(cfg: TrainConfig, on_update: Callable[[int, dict[str, float]], None] | None = None,
-          resume: dict | None = None) -> dict[str, Any]:
+          resume: dict | None = None, ranks: Ranks | None = None) -> dict[str, Any]:
     """Run the training described by ``cfg``; returns the final evaluation summary.
 
     :param on_update: called after every update with (update number, logged scalars).
     :param resume: a checkpoint of this run (``load_checkpoint(path, resume=True)``, with
         ``cfg = resume_config(checkpoint, overrides)``) to continue from exactly.
-    :raises TrainingInterrupted: a SIGINT or SIGTERM arrived; the update in progress was
-        finished and a checkpoint written first.
+    :param ranks: this process's rank in a data-parallel run (:meth:`Ranks.start` called);
+        None: a single process. The scalars passed to ``on_update`` are reduced over ranks;
+        only rank 0 writes files and evaluates (the others return the summary without the
+        evaluation).
+    :raises TrainingInterrupted: a SIGINT or SIGTERM arrived (at any rank); the update in
+        progress was finished and a checkpoint written first.
+    :raises RankLost: another rank died or stopped answering.
     """
     from trxl_rl.agents import action_dtype, action_shape, build_agent
     from trxl_rl.envs import make_vector_env
 
-    device = resolve_device(cfg.device)
+    ranks = ranks or Ranks()
+    device = ranks.device(resolve_device(cfg.device))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    b, t_steps = cfg.env.num_envs, cfg.ppo.rollout_steps
+    # Rank r seeds like a single process with seed + r * num_envs: its envs get seeds no
+    # other rank's env has, and rank 0 is the single process itself.
+    seed = cfg.seed + ranks.rank * b
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
-    envs = make_vector_env(cfg.env.id, cfg.env.num_envs, cfg.env.vectorization, replay=True,
-                           **cfg.env.kwargs)
+    envs = make_vector_env(cfg.env.id, b, cfg.env.vectorization, replay=True, **cfg.env.kwargs)
     obs_space, act_space = envs.single_observation_space, envs.single_action_space
     agent = build_agent(cfg, obs_space, act_space).to(device)
     optimizer = make_optimizer(cfg, agent)
-    b, t_steps = cfg.env.num_envs, cfg.ppo.rollout_steps
-    shuffle = torch.Generator().manual_seed(cfg.seed)
-    obs, _ = envs.reset(seed=cfg.seed)
-    envs.action_space.seed(cfg.seed)
+    shuffle = torch.Generator().manual_seed(seed)
+    obs, _ = envs.reset(seed=seed)
+    envs.action_space.seed(seed)
     state = agent.initial_state(b)
     episode_start = torch.ones(b, dtype=torch.bool, device=device)
     first_update, global_step = 1, 0
     if resume is not None:  # before anything is written: a checkpoint that fails leaves no trace
-        obs, state, episode_start = restore_training(resume, agent, optimizer, shuffle, envs,
-                                                     device)
+        obs, state, episode_start = restore_training(rank_view(resume, ranks.rank), agent,
+                                                     optimizer, shuffle, envs, device)
         first_update = resume["counters"]["update"] + 1
         global_step = resume["counters"]["global_step"]
+    else:
+        ranks.broadcast_parameters(agent)
 
-    run_name = cfg.run_name or (f"{Path(cfg.env.id).name}__seed{cfg.seed}__"
-                                f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    run_name = ranks.broadcast_object(
+        cfg.run_name or (f"{Path(cfg.env.id).name}__seed{cfg.seed}__"
+                         f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"))
     run_dir = Path(cfg.log_dir) / run_name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    writer = None
+    if ranks.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg),
+                                                            sort_keys=False))
+        from torch.utils.tensorboard import SummaryWriter
 
-    from torch.utils.tensorboard import SummaryWriter
+        # A resumed run hides what the interrupted one logged after its checkpoint.
+        writer = SummaryWriter(str(run_dir), purge_step=None if resume is None
+                               else resume["counters"]["global_step"] + 1)
     from tqdm import tqdm
 
-    # A resumed run hides what the interrupted one logged after its checkpoint.
-    writer = SummaryWriter(str(run_dir), purge_step=None if resume is None
-                           else resume["counters"]["global_step"] + 1)
     rollout = Rollout(t_steps, b, obs_space, action_shape(act_space), action_dtype(act_space),
                       agent.memory, device)
-    num_updates = max(1, cfg.total_steps // (b * t_steps))  # whole rollouts within the budget
+    steps_per_update = ranks.world_size * b * t_steps  # all ranks' steps
+    num_updates = max(1, cfg.total_steps // steps_per_update)  # whole rollouts within budget
     episodes = EpisodeLog()
     start_step, start_time = global_step, time.perf_counter()
-    bar = tqdm(total=num_updates * b * t_steps, initial=global_step, unit="step",
-               disable=not cfg.progress, dynamic_ncols=True)
+    bar = tqdm(total=num_updates * steps_per_update, initial=global_step, unit="step",
+               disable=not (cfg.progress and ranks.main), dynamic_ncols=True)
     shown: dict[str, float] = {}
 
     def checkpoint(update: int) -> None:
+        mine = training_state(envs, obs, agent.memory, state, episode_start, shuffle)
+        states = ranks.gather_object({**mine, "weights": weights_digest(agent)})
+        if not ranks.main:
+            return
+        digests = [s.pop("weights") for s in states]
+        if len(set(digests)) > 1:  # a bug, or hardware that computes differently per rank
+            raise RuntimeError(f"the ranks' weights differ after update {update} (digests "
+                               f"{digests}); the run cannot continue as one")
         save_checkpoint(run_dir / "checkpoints" / checkpoint_name(update), {
             "model": agent.state_dict(), "optimizer": optimizer.state_dict(),
             "config": config_to_dict(cfg),
             "spaces": {"observation": space_to_dict(obs_space),
                        "action": space_to_dict(act_space)},
             "counters": {"global_step": global_step, "update": update},
-            **training_state(envs, obs, agent.memory, state, episode_start, shuffle),
+            **states[0], "world_size": ranks.world_size, "other_ranks": states[1:],
         })
 
-    stop = StopOnSignal().install()
+    stop = StopOnSignal(announce=ranks.main).install()
     try:
         for update in range(first_update, num_updates + 1):
             progress = (update - 1) / num_updates
@@ -252,16 +321,19 @@ def train(cfg: TrainConfig, on_update: Callable[[int, dict[str, float]], None] |
 
             carry, stats = iteration(agent, optimizer, envs, rollout,
                                      Carry(obs, state, episode_start), cfg.ppo, entropy_coef,
-                                     shuffle, episodes, device)
+                                     shuffle, episodes, device, ranks)
             obs, state, episode_start = carry
-            global_step += b * t_steps
+            global_step += steps_per_update
 
             stats.update(episodes.flush())
+            stats = ranks.reduce_scalars(stats, {key: reduction(key) for key in stats})
+            stats.update(episode_means({key: stats.pop(key) for key in EPISODE_TOTALS}))
             stats["charts/SPS"] = (global_step - start_step) / (time.perf_counter() - start_time)
             stats["charts/learning_rate"] = lr
             stats["charts/entropy_coef"] = entropy_coef
-            for key, value in stats.items():
-                writer.add_scalar(key, value, global_step)
+            if writer is not None:
+                for key, value in stats.items():
+                    writer.add_scalar(key, value, global_step)
             if on_update is not None:
                 on_update(update, stats)
             for key, short in (("charts/episodic_return", "ret"),
@@ -270,12 +342,16 @@ def train(cfg: TrainConfig, on_update: Callable[[int, dict[str, float]], None] |
                     shown[short] = round(stats[key], 3)
             shown["SPS"] = int(stats["charts/SPS"])
             bar.set_postfix(shown, refresh=False)
-            bar.update(b * t_steps)
-            if update % cfg.checkpoint_every == 0 or update == num_updates or stop.signum:
+            bar.update(steps_per_update)
+            # A signal at any rank stops every rank after this update.
+            signum = int(ranks.reduce_scalars({"signal": stop.signum or 0},
+                                              {"signal": "max"})["signal"])
+            if update % cfg.checkpoint_every == 0 or update == num_updates or signum:
                 checkpoint(update)
-            if stop.signum:
-                writer.close()
-                raise TrainingInterrupted(stop.signum,
+            if signum:
+                if writer is not None:
+                    writer.close()
+                raise TrainingInterrupted(signum,
                                           run_dir / "checkpoints" / checkpoint_name(update))
     finally:
         stop.uninstall()
@@ -284,6 +360,8 @@ def train(cfg: TrainConfig, on_update: Callable[[int, dict[str, float]], None] |
 
     summary: dict[str, Any] = {"global_step": global_step,
                                "train_seconds": time.perf_counter() - start_time}
+    if not ranks.main:
+        return summary
     if cfg.eval_episodes > 0:
         from trxl_rl.evaluate import EVAL_SEED_OFFSET, run_episodes, summarize
 
@@ -319,7 +397,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, An
         epilog="Any config field can be overridden with --KEY VALUE (dotted for nested "
                "fields, VALUE parsed as YAML):\n" + OVERRIDE_HELP
                + f"\n\nPresets (for --env): {', '.join(PRESETS)}; these env ids start from "
-                 f"their preset: {', '.join(ENV_PRESETS)}",
+                 f"their preset: {', '.join(ENV_PRESETS)}"
+               + "\n\nData-parallel on K processes (env.num_envs per process, total_steps over "
+                 "all):\n  torchrun --standalone --nproc-per-node K -m trxl_rl.train ...",
     )
     parser.add_argument("--env", help="preset short name or any gymnasium env id "
                                       "(default: MiniGrid-Memory)")
@@ -333,7 +413,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, An
                              "newest checkpoint, or from the checkpoint file RUN, with the "
                              "run's own config; only --total-steps, --device, --threads, "
                              "--progress, --checkpoint_every, --eval_episodes and "
-                             "--eval_deterministic may change. "
+                             "--eval_deterministic may change (a run of K torchrun "
+                             "ranks resumes with K ranks). "
                              "SIGINT/SIGTERM during training save a checkpoint after the "
                              "current update and exit with 130/143")
     args, rest = parser.parse_known_args(argv)
@@ -383,11 +464,28 @@ def resolve_config(args: argparse.Namespace, overrides: dict[str, Any]) -> Train
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The CLI, in a single process or on every rank that ``torchrun`` starts; returns the
+    exit code (2: a configuration or checkpoint error, found on any rank before anything is
+    written; 130/143: stopped by SIGINT/SIGTERM; 1: another rank was lost)."""
+    ranks = Ranks.from_environment()
+    if not ranks.main:
+        warnings.simplefilter("ignore")  # the other ranks print errors only
+    ranks.start()
+    try:
+        return _main(argv, ranks)
+    except RankLost as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        ranks.close()
+
+
+def _main(argv: list[str] | None, ranks: Ranks) -> int:
     from trxl_rl.agents import build_agent
     from trxl_rl.agents.encoders import is_image_space
     from trxl_rl.envs import UnknownEnvError, make_env
 
-    resume = None
+    resume, error = None, None
     try:
         args, overrides = parse_args(argv)
         if args.resume is not None:
@@ -395,9 +493,14 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError("--resume takes env and config from the checkpoint; "
                                   "drop --env/--config")
             resume = load_checkpoint(args.resume, resume=True)
+            check_world_size(resume, ranks.world_size)
             cfg = resume_config(resume, overrides)
         else:
             cfg = resolve_config(args, overrides)
+        try:
+            ranks.check_device(resolve_device(cfg.device))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         try:
             env = make_env(cfg.env.id, **cfg.env.kwargs)  # fail on a bad env before writing
         except UnknownEnvError:
@@ -418,19 +521,39 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as err:
             raise ConfigError(str(err)) from None
     except (ConfigError, UnknownEnvError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        error = str(err)
+    failed = ranks.first_error(error)  # every rank stops if any rank's check failed
+    if failed is not None:
+        rank, message = failed
+        if ranks.main:
+            print(f"error: {message}" if rank == 0 else f"error: rank {rank}: {message}",
+                  file=sys.stderr)
         return 2
     try:
-        summary = train(cfg, resume=resume)
+        summary = train(cfg, resume=resume, ranks=ranks)
     except CheckpointError as err:  # raised while restoring, before the run writes anything
         print(f"error: {err}", file=sys.stderr)
         return 2
     except TrainingInterrupted as stop:
-        print(f"{stop}; continue with: python -m trxl_rl.train --resume "
-              f"{run_dir_of(stop.checkpoint)}", file=sys.stderr)
+        if ranks.main:
+            print(f"{stop}; continue with: {resume_command(ranks)} --resume "
+                  f"{run_dir_of(stop.checkpoint)}", file=sys.stderr)
+        # No rank exits before rank 0 has saved and said so: torchrun stops every other rank
+        # as soon as one exits with an error code.
+        ranks.barrier()
         return stop.exit_code
-    print(json.dumps(summary))
+    if ranks.main:
+        print(json.dumps(summary))
     return 0
+
+
+def resume_command(ranks: Ranks) -> str:
+    """The command that continues a run of ``ranks`` (before its ``--resume RUN``)."""
+    if not ranks.distributed:
+        return "python -m trxl_rl.train"
+    if int(os.environ.get("LOCAL_WORLD_SIZE", ranks.world_size)) == ranks.world_size:
+        return f"torchrun --standalone --nproc-per-node {ranks.world_size} -m trxl_rl.train"
+    return f"the same torchrun command ({ranks.world_size} ranks) with -m trxl_rl.train"
 
 
 if __name__ == "__main__":
