@@ -131,6 +131,14 @@ def test_import_trxl_rl_stays_light_and_offers_load_agent():
     assert result.returncode == 0, result.stderr
 
 
+def test_load_agent_imports_no_training_module(run_a):
+    code = (f"import sys, trxl_rl; agent = trxl_rl.load_agent({str(run_a[0])!r}); "
+            "training = {'trxl_rl.train', 'trxl_rl.ppo', 'trxl_rl.rollout', 'trxl_rl.resume', "
+            "'trxl_rl.distributed'} & set(sys.modules); assert not training, training")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
 def test_checkpoints_hold_everything_the_issue_lists(run_a):
     checkpoint = load_checkpoint(run_a[0])
     assert checkpoint["format_version"] == FORMAT_VERSION

@@ -17,7 +17,15 @@ from trxl_rl.config import build_config, preset_path, read_yaml
 from trxl_rl.envs import make_env, make_vector_env
 from trxl_rl.ppo import ppo_update
 from trxl_rl.rollout import Rollout
-from trxl_rl.train import Carry, EpisodeLog, collect, main, train
+from trxl_rl.train import (
+    Carry,
+    EpisodeLog,
+    collect,
+    main,
+    parse_args,
+    resolve_config,
+    train,
+)
 
 BACKBONES = ("trxl", "gtrxl", "gru", "lstm", "none")
 
@@ -285,6 +293,33 @@ def test_cli_trains_from_any_directory_and_writes_logs_config_and_checkpoints(tm
     assert len(list((run / "checkpoints").glob("update_*.pt"))) == 2
     summary = json.loads((run / "summary.json").read_text())
     assert summary["episodes"] == 16 and summary["global_step"] == 1024
+
+
+def test_the_defaults_are_the_minigrid_memory_preset_so_any_env_id_starts_from_them():
+    defaults = build_config()
+    preset = build_config(read_yaml(preset_path("MiniGrid-Memory")))
+    assert defaults.model == preset.model and defaults.ppo == preset.ppo
+    assert defaults.total_steps == preset.total_steps
+    assert (defaults.env.id, defaults.env.num_envs) == (preset.env.id, preset.env.num_envs)
+    # A gymnasium id without a preset of its own gets exactly these settings.
+    args, overrides = parse_args(["--env", "CartPole-v1"])
+    cfg = resolve_config(args, overrides)
+    assert cfg.env.id == "CartPole-v1" and cfg.model == preset.model and cfg.ppo == preset.ppo
+
+
+@pytest.mark.parametrize("env_id,steps,time_limit", [
+    ("MiniGrid-MemoryS7-v0", 500_000, 64), ("MiniGrid-MemoryS9-v0", 500_000, 96),
+    ("MiniGrid-MemoryS11-v0", 1_000_000, 128), ("MiniGrid-MemoryS13-v0", 1_000_000, 160),
+    ("MiniGrid-MemoryS13Random-v0", 1_000_000, 160),
+    ("MiniGrid-MemoryS17Random-v0", 3_000_000, 224)])
+def test_every_minigrid_memory_env_starts_from_its_preset_and_time_limit(env_id, steps,
+                                                                        time_limit):
+    args, overrides = parse_args(["--env", env_id, "--seed", "4"])
+    cfg = resolve_config(args, overrides)
+    assert cfg.env.id == env_id and cfg.total_steps == steps and cfg.seed == 4
+    env = make_env(env_id)
+    assert env.spec.max_episode_steps == time_limit
+    env.close()
 
 
 def test_presets_ship_inside_the_package():
