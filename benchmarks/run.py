@@ -328,14 +328,16 @@ def main(argv: list[str] | None = None) -> int:
             rounds[-1].append({"name": spec["name"], "what": spec["what"],
                                "base": spec.get("base"), **result})
             print(f"{spec['name']}: {json.dumps(result)}", file=sys.stderr, flush=True)
-    results = combine(rounds)
-    header = f"Machine: {machine(args.device, args.threads)}\n"
-    print(header)
-    print(table(results))
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"machine": header.strip(), "rows": results}, indent=2))
+    report(f"Machine: {machine(args.device, args.threads)}", combine(rounds), Path(args.json))
     return 0
+
+
+def report(header: str, results: list[dict], path: Path, as_table=table) -> None:
+    """Print the machine line and ``as_table(results)``; write both as JSON to ``path``."""
+    print(header + "\n")
+    print(as_table(results))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"machine": header, "rows": results}, indent=2))
 
 
 if __name__ == "__main__":

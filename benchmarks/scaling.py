@@ -28,7 +28,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.run import combine, machine
+from benchmarks.run import combine, machine, report
 
 DEFAULT_ROWS = ["env", "1x2", "1x1", "2x1"]
 
@@ -118,15 +118,9 @@ def main(argv: list[str] | None = None) -> int:
                       **run_row(name, 1 if args.quick else 3)}
             rounds[-1].append(result)
             print(f"{name}: {json.dumps(result)}", file=sys.stderr, flush=True)
-    results = combine(rounds)
     devices = sorted({parse_row(n)[2] for n in args.rows if n != "env"})
     host = re.sub(r" \(\d+ threads\)", "", machine("cuda" if "cuda" in devices else "cpu", None))
-    header = f"Machine: {host} (threads: per row)\n"
-    print(header)
-    print(table(results))
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"machine": header.strip(), "rows": results}, indent=2))
+    report(f"Machine: {host} (threads: per row)", combine(rounds), Path(args.json), table)
     return 0
 
 

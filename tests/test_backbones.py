@@ -2,6 +2,9 @@
 (DESIGN.md, "Memory backbones"): step == segment, no leakage across episode starts, and a
 history that rebuilds the state exactly."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -14,6 +17,9 @@ from trxl_rl.backbones import (
     register_backbone,
 )
 from trxl_rl.memory import TransformerXL
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_memory import run_steps  # noqa: E402  (one token at a time, any backbone)
 
 INPUT_DIM = 6
 FIELDS = {"trxl": {"dim": 16, "num_heads": 2, "memory_length": 5},
@@ -36,15 +42,6 @@ def stream(batch: int = 3, steps: int = 23, seed: int = 1):
     starts[:, 0] = True
     starts[:, steps // 2] = True
     return x, starts
-
-
-def run_steps(model, x, starts, state=None):
-    state = model.initial_state(x.shape[0]) if state is None else state
-    ys = []
-    for t in range(x.shape[1]):
-        y, state = model.step(x[:, t], state, starts[:, t])
-        ys.append(y)
-    return torch.stack(ys, 1), state
 
 
 @pytest.mark.parametrize("name", list(FIELDS))
