@@ -15,8 +15,7 @@ from trxl_rl.memory import MemoryBackbone
 
 from .distributions import ActionDistribution, make_action_head
 from .encoders import NatureCNNDecoder, distinct_rows, is_image_space, make_encoder
-
-Obs = Tensor | dict[str, Tensor]
+from .observations import Obs
 
 
 class ActOutput(NamedTuple):

@@ -1,7 +1,7 @@
 """Compare memory backbones on a suite of tasks: training runs, one table, learning curves.
 
     python -m benchmarks.compare --jobs 2        # the full suite, benchmarks/suite.yaml
-    python -m benchmarks.compare --quick         # benchmarks/suite_quick.yaml, minutes
+    python -m benchmarks.compare --quick         # benchmarks/suite_quick.yaml, under a minute
     python -m benchmarks.compare --tasks CueRecall-16 MiniGrid-S9 --backbones trxl gru --seeds 1
     python -m benchmarks.compare --gtrxl         # also the gated Transformer-XL
     python -m benchmarks.compare --list          # the runs, their state and command; runs nothing
@@ -45,7 +45,7 @@ Suite file (unknown keys are errors)::
         reference: {value: 0.5, source: "..."}      # optional: a published GRU MMER
 
 Overrides are the trainer's dotted ``--KEY VALUE`` options. Keys of a backbone's section
-(``model.trxl.*``, ``model.gtrxl.*``, ``model.gru.*``, ``model.lstm.*``) go only to the runs
+(``model.trxl.*`` for trxl and gtrxl, ``model.gru.*``, ``model.lstm.*``) go only to the runs
 of that backbone, since the trainer refuses an option that a run's backbone does not read.
 """
 
@@ -68,11 +68,13 @@ from typing import Any
 import numpy as np
 import yaml
 
+from trxl_rl.backbones import BACKBONES as BUILT_IN_BACKBONES
+from trxl_rl.config import ModelConfig
+
 HERE = Path(__file__).resolve().parent
 FULL_SUITE = HERE / "suite.yaml"
 QUICK_SUITE = HERE / "suite_quick.yaml"
-BACKBONES = ("trxl", "gtrxl", "gru", "lstm", "none")
-SECTIONS = ("trxl", "gtrxl", "gru", "lstm", "custom")  # the model.<section>.* of a backbone
+BACKBONES = tuple(BUILT_IN_BACKBONES)
 METRICS = {"success": ("charts/success_rate", "training success rate"),
            "return": ("charts/episodic_return", "training episodic return")}
 RETURN_TAG = "charts/episodic_return"
@@ -237,15 +239,9 @@ class Run:
 def run_overrides(suite: Suite, task: Task, backbone: str) -> dict:
     """The trainer options of one run: suite defaults, the task's, then ``--set``'s, without
     the backbone sections (``model.<section>.*``) that this run's backbone does not read."""
-    section = None if backbone == "none" else backbone
-    out = {}
-    for key, value in {**suite.defaults, **task.overrides, **suite.forced}.items():
-        parts = key.split(".")
-        if len(parts) > 2 and parts[0] == "model" and parts[1] in SECTIONS \
-                and parts[1] != section:
-            continue
-        out[key] = value
-    return out
+    model = ModelConfig(backbone=backbone)
+    return {key: value for key, value in {**suite.defaults, **task.overrides,
+                                          **suite.forced}.items() if model.reads(key)}
 
 
 def _cli_value(value: Any) -> str:
@@ -281,28 +277,33 @@ def check_runs(runs: list[Run], suite: Suite, device: str) -> None:
 
     :raises SuiteError: naming the task and backbone.
     """
+    from trxl_rl.agents import build_agent
     from trxl_rl.config import ConfigError
     from trxl_rl.envs import UnknownEnvError, make_env
     from trxl_rl.train import parse_args, resolve_config
 
-    envs_checked = set()
+    spaces = {}  # task -> its env's (observation, action) spaces
     for run in runs:
+        where = f"task {run.task.name!r}, backbone {run.backbone}"
         try:
             cfg = resolve_config(*parse_args(train_command(run, suite, Path("runs"),
                                                            device)[3:]))
         except ConfigError as err:
-            raise SuiteError(f"task {run.task.name!r}, backbone {run.backbone}: {err}") \
-                from None
-        if run.task.name in envs_checked:
-            continue
-        envs_checked.add(run.task.name)
-        try:
-            make_env(cfg.env.id, **cfg.env.kwargs).close()
-        except UnknownEnvError as err:
-            raise SuiteError(f"task {run.task.name!r}: {err}") from None
-        except (ValueError, TypeError) as err:
-            raise SuiteError(f"task {run.task.name!r}: bad env.kwargs for {cfg.env.id!r}: "
-                             f"{err}") from None
+            raise SuiteError(f"{where}: {err}") from None
+        if run.task.name not in spaces:
+            try:
+                env = make_env(cfg.env.id, **cfg.env.kwargs)
+            except UnknownEnvError as err:
+                raise SuiteError(f"task {run.task.name!r}: {err}") from None
+            except (ValueError, TypeError) as err:
+                raise SuiteError(f"task {run.task.name!r}: bad env.kwargs for "
+                                 f"{cfg.env.id!r}: {err}") from None
+            spaces[run.task.name] = env.observation_space, env.action_space
+            env.close()
+        try:  # the backbone's own fields, as the trainer checks them before it writes
+            build_agent(cfg, *spaces[run.task.name])
+        except ValueError as err:
+            raise SuiteError(f"{where}: {err}") from None
 
 
 class Layout:

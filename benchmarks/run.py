@@ -143,7 +143,7 @@ def measure(spec: dict, device: str, threads: int | None, ranks=None) -> dict:
         return measure_envs(cfg, spec["updates"])
     dev = ranks.device(resolve_device(cfg.device))
     b, t = cfg.env.num_envs, cfg.ppo.rollout_steps
-    seed = ranks.rank * b  # as the trainer seeds rank r: 0 + r * num_envs
+    seed = ranks.rank * b  # rank r's seed as the trainer makes it (seed + r * num_envs), seed 0
     torch.manual_seed(seed)
     envs = make_vector_env(cfg.env.id, b, cfg.env.vectorization, replay=True, **cfg.env.kwargs)
     space, act = envs.single_observation_space, envs.single_action_space
@@ -151,7 +151,8 @@ def measure(spec: dict, device: str, threads: int | None, ranks=None) -> dict:
     ranks.broadcast_parameters(agent)
     optimizer = make_optimizer(cfg, agent)
     rollout = Rollout(t, b, space, action_shape(act), action_dtype(act), agent.memory, dev)
-    carry = Carry(envs.reset(seed=seed)[0], agent.initial_state(b, **spec.get("state", {})),
+    state = agent.initial_state(b, device=dev, **spec.get("state", {}))
+    carry = Carry(envs.reset(seed=seed)[0], state,
                   torch.ones(b, dtype=torch.bool, device=dev))
     shuffle = torch.Generator().manual_seed(seed)
     totals = {"env": 0.0, "inference": 0.0, "update": 0.0}

@@ -95,8 +95,12 @@ class ClipBoxAction(gym.ActionWrapper):
             raise ValueError(f"ClipBoxAction needs a Box action space, got {env.action_space}")
 
     def action(self, action: Any) -> np.ndarray:
-        space = self.env.action_space
-        return np.clip(np.asarray(action), space.low, space.high).astype(space.dtype)
+        return clip_to_box(self.env.action_space, action)
+
+
+def clip_to_box(space: spaces.Box, action: Any) -> np.ndarray:
+    """``action`` clipped to the bounds of ``space``, in its dtype (what the env executes)."""
+    return np.clip(np.asarray(action), space.low, space.high).astype(space.dtype)
 
 
 class UntupleObservation(gym.ObservationWrapper):
@@ -207,6 +211,5 @@ class PreviousAction(gym.Wrapper):
             return int(action) - int(space.start)
         if isinstance(space, spaces.MultiDiscrete):
             return np.asarray(action, dtype=np.int64) - space.start
-        executed = np.clip(np.asarray(action, dtype=np.float32).reshape(-1),
-                           space.low.reshape(-1), space.high.reshape(-1))
+        executed = clip_to_box(space, action).reshape(-1)
         return np.append(executed, np.float32(0.0)).astype(np.float32)

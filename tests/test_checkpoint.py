@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import trxl_rl
+from trxl_rl.agents.observations import obs_to_tensor
 from trxl_rl.checkpoint import (
     FORMAT_VERSION,
     CheckpointError,
@@ -22,7 +23,6 @@ from trxl_rl.checkpoint import (
 )
 from trxl_rl.envs import make_env
 from trxl_rl.resume import TrainingInterrupted, resume_config
-from trxl_rl.rollout import obs_to_tensor
 from trxl_rl.train import main, train
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -313,7 +313,7 @@ def format_2(data: dict) -> None:
     model = data["config"]["model"]
     for key, value in model.pop("trxl").items():
         model[key] = value
-    for key in ("backbone", "gtrxl", "gru", "lstm", "custom"):
+    for key in ("backbone", "gru", "lstm", "custom"):
         del model[key]
     memory = data["carry"]["memory"]
     records, valid = memory["records"], memory["valid"]
@@ -332,6 +332,22 @@ def test_format_2_checkpoints_evaluate_and_resume_as_trxl(run_a, tmp_path):
     checkpoint = load_checkpoint(old, resume=True)
     train(resume_config(checkpoint, {}), resume=checkpoint)
     assert_same_training_state(load_checkpoint(run_a[0]), load_checkpoint(tmp_path / "b"))
+
+
+def test_checkpoints_with_a_gtrxl_section_of_their_own_still_load(run_a, tmp_path):
+    """Written before gtrxl read model.trxl (2026-11-29): the section is dropped, or becomes
+    the trxl section of a gtrxl run."""
+    from trxl_rl.checkpoint import config_from_checkpoint
+
+    def with_section(data):
+        data["config"]["model"]["gtrxl"] = {"dim": 48, "num_heads": 3, "memory_length": 9}
+
+    path = write_variant(latest_checkpoint(run_a[0]), tmp_path / "old.pt", with_section)
+    assert trxl_rl.load_agent(path).train_config.model.trxl["dim"] == 32
+    checkpoint = load_checkpoint(path)
+    checkpoint["config"]["model"]["backbone"] = "gtrxl"
+    cfg = config_from_checkpoint(checkpoint)
+    assert cfg.model.backbone == "gtrxl" and cfg.model.trxl["dim"] == 48
 
 
 def test_cli_resume_continues_counters_schedules_and_tensorboard(run_a, tmp_path):

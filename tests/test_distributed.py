@@ -24,7 +24,7 @@ import torch
 from trxl_rl.checkpoint import CheckpointError, latest_checkpoint, load_agent, load_checkpoint
 from trxl_rl.distributed import Ranks, reduce_rows
 from trxl_rl.resume import check_world_size
-from trxl_rl.train import EPISODE_TOTALS, EpisodeLog, episode_means, main, reduction, train
+from trxl_rl.train import EpisodeLog, episode_means, main, reduction, train
 
 TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))
@@ -114,9 +114,9 @@ def test_episode_means_over_ranks_equal_the_means_of_all_episodes_together():
 
     ranks = [log([1.0, 0.5], [10, 20], [1.0, np.nan]), log([0.25], [7], [0.0]),
              log([], [], [])]  # a rank that finished no episode
-    rows = np.array([[totals[key] for key in EPISODE_TOTALS] for totals in ranks])
-    summed = dict(zip(EPISODE_TOTALS, reduce_rows(rows, [reduction(k) for k in EPISODE_TOTALS]),
-                      strict=True))
+    keys = list(ranks[0])
+    rows = np.array([[totals[key] for key in keys] for totals in ranks])
+    summed = dict(zip(keys, reduce_rows(rows, [reduction(k) for k in keys]), strict=True))
     assert episode_means(summed) == {"charts/episodic_return": np.mean([1.0, 0.5, 0.25]),
                                      "charts/episodic_length": np.mean([10, 20, 7]),
                                      "charts/success_rate": np.mean([1.0, 0.0])}
@@ -128,7 +128,7 @@ def test_losses_are_averaged_and_first_minibatch_checks_take_the_worst_rank():
     assert reduction("charts/update_seconds") == "mean"
     assert reduction("losses/first_minibatch_approx_kl") == "max"
     assert reduction("losses/first_minibatch_max_value_error") == "max"
-    assert all(reduction(key) == "sum" for key in EPISODE_TOTALS)
+    assert all(reduction(key) == "sum" for key in EpisodeLog().flush())
 
 
 def test_a_single_process_has_no_collectives():

@@ -230,16 +230,27 @@ def test_stale_key_value_cache_is_rebuilt_after_an_optimizer_step(fused):
 
 
 def test_weights_changed_invalidates_the_cache_of_its_own_model_only():
+    """An edit through ``p.data`` bumps no version counter; weights_changed() tells the model,
+    and only that model: a copy's cache stays valid."""
     model, other = make_model(seed=0), make_model(seed=0)
-    x = torch.randn(2, 4, INPUT_DIM)
-    starts = torch.zeros(2, 4, dtype=torch.bool)
+    x = torch.randn(2, 5, INPUT_DIM)
+    starts = torch.zeros(2, 5, dtype=torch.bool)
     with torch.no_grad():
-        _, state = run_steps(model, x, starts)
-        _, other_state = run_steps(other, x, starts)
-    tag, other_tag = model.weights_tag(), other.weights_tag()
-    model.weights_changed()
-    assert model.weights_tag() != tag and other.weights_tag() == other_tag
-    assert state.cache_tag == tag and other_state.cache_tag == other_tag
+        _, state = run_steps(model, x[:, :4], starts[:, :4])
+        _, other_state = run_steps(other, x[:, :4], starts[:, :4])
+        for p in model.parameters():
+            p.data.mul_(1.5)
+        stale, _ = model.step(x[:, 4], state, starts[:, 4])  # the cache still looks valid
+        model.weights_changed()
+        y, new_state = model.step(x[:, 4], state, starts[:, 4])
+        rebuilt = MemoryState(hidden=state.hidden, valid=state.valid, position=state.position,
+                              use_cache=False)
+        expected, _ = model.step(x[:, 4], rebuilt, starts[:, 4])
+        other_y, other_new = other.step(x[:, 4], other_state, starts[:, 4])
+    assert not torch.allclose(stale, expected, atol=1e-3)
+    assert torch.allclose(y, expected, atol=1e-6)
+    assert new_state.cache_tag == model.weights_tag() != state.cache_tag
+    assert other_new.cache_tag == other_state.cache_tag  # its cache was reused
 
 
 def test_importing_trxl_rl_changes_no_optimizer_of_the_process():

@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from trxl_rl.agents import action_dtype, action_shape, build_agent
 from trxl_rl.backbones import NoMemory
-from trxl_rl.config import build_config, preset_path, read_yaml
+from trxl_rl.config import build_config, config_to_dict, preset_path, read_yaml
 from trxl_rl.envs import make_env, make_vector_env
 from trxl_rl.ppo import ppo_update
 from trxl_rl.rollout import Rollout
@@ -36,7 +37,6 @@ def small_config(**overrides):
     base = {
         "env": {"id": "MiniGrid-MemoryS9-v0", "kwargs": {"max_steps": 12}, "num_envs": 2},
         "model": {"trxl": {"dim": 32, "num_layers": 2, "num_heads": 2, "memory_length": 4},
-                  "gtrxl": {"dim": 32, "num_layers": 2, "num_heads": 2, "memory_length": 4},
                   "gru": {"hidden_size": 32, "num_layers": 2},
                   "lstm": {"hidden_size": 32, "num_layers": 2}},
         "ppo": {"rollout_steps": 16, "segment_length": 8, "minibatches": 2, "epochs": 2},
@@ -257,7 +257,10 @@ def test_cli_unknown_env_suggests_close_names_and_exits_2_without_traceback(tmp_
     (["--model.backbone", "gru", "--model.gru.hidden", "8"], "model.gru: unknown field "
                                                              "'hidden'"),
     (["--model.backbone", "lstm", "--model.lstm.hidden_size", "0"], "model.lstm: hidden_size"),
-    (["--model.backbone", "gtrxl", "--model.gtrxl.gating", "false"], "gating is fixed"),
+    (["--model.backbone", "gtrxl", "--model.trxl.gating", "false"], "gating is fixed"),
+    (["--model.gru", "{hidden_size: 8}"], "--model.gru does not apply"),
+    (["--env.kwargs.obs.x", "1"], "config key env.kwargs.obs is 'symbolic', not a mapping"),
+    (["--seed", "-1"], "seed must be in [0, 2**31)"),
     (["--config", "/nonexistent.yaml"], "not found"),
     (["--env.kwargs.obs", "pixels"], "obs"),
     (["--ppo.epochs"], "cannot parse argument"),
@@ -271,6 +274,33 @@ def test_cli_bad_config_is_one_line_and_exit_code_2(capsys, tmp_path, args, need
     assert code == 2
     assert needle in err and len(err.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_refuses_to_start_a_new_run_in_a_directory_that_holds_one(tmp_path, capsys):
+    run = tmp_path / "taken"
+    run.mkdir()
+    (run / "config.yaml").write_text("an earlier run\n")
+    code = main(["--env", "CueRecall", "--run-name", "taken", "--log_dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "already holds a run: continue it with --resume" in err
+    assert [p.name for p in run.iterdir()] == ["config.yaml"]
+    assert (run / "config.yaml").read_text() == "an earlier run\n"
+
+
+def test_a_section_given_whole_keeps_the_other_defaults_and_round_trips(tmp_path):
+    cfg = small_config(**{"model.trxl": {"memory_length": 6}})
+    assert cfg.model.trxl == {"dim": 64, "num_layers": 1, "num_heads": 4, "memory_length": 6}
+    reread = build_config(yaml.safe_load(yaml.safe_dump(config_to_dict(cfg))))
+    assert reread.model == cfg.model  # what config.yaml and checkpoints store builds it again
+
+
+def test_gtrxl_reads_the_trxl_section_with_gating_on():
+    cfg = small_config(**{"model.backbone": "gtrxl", "model.trxl.memory_length": 6})
+    env = make_env(cfg.env.id, **cfg.env.kwargs)
+    agent = build_agent(cfg, env.observation_space, env.action_space)
+    assert agent.memory.config.gating and agent.memory.config.memory_length == 6
+    assert agent.memory.config.dim == 32  # small_config's trxl section
 
 
 def test_cli_help_lists_options_and_overrides():

@@ -8,7 +8,7 @@ rollout) holds for all.
 name       backbone                                 config section (``model.<name>``)
 =========  =======================================  ===============================
 trxl       :class:`~trxl_rl.TransformerXL`           fields of :class:`~trxl_rl.TrXLConfig`
-gtrxl      the same with GTrXL gating                the same (``gating`` is always on)
+gtrxl      the same with GTrXL gating                ``model.trxl`` (``gating`` always on)
 gru        :class:`RecurrentBackbone` (nn.GRU)      fields of :class:`RecurrentConfig`
 lstm       :class:`RecurrentBackbone` (nn.LSTM)     fields of :class:`RecurrentConfig`
 none       :class:`NoMemory` (the control)          none
@@ -28,7 +28,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from trxl_rl.memory import MemoryBackbone, TransformerXL, TrXLConfig, _check_int
+from trxl_rl.memory import (
+    MemoryBackbone,
+    TransformerXL,
+    TrXLConfig,
+    _check_int,
+    check_segment,
+)
 
 
 @dataclass
@@ -84,7 +90,8 @@ class RecurrentBackbone(MemoryBackbone):
         """``x`` ``[B, n, I]`` from ``state`` with no episode start after the first token."""
         h = state.transpose(0, 1).contiguous()  # [layers, B, H or 2H]
         if self.config.cell == "lstm":
-            y, (h, c) = self.rnn(x, tuple(h.chunk(2, dim=-1)))
+            # cuDNN wants contiguous h and c.
+            y, (h, c) = self.rnn(x, tuple(t.contiguous() for t in h.chunk(2, dim=-1)))
             h = torch.cat([h, c], dim=-1)
         else:
             y, h = self.rnn(x, h)
@@ -94,7 +101,7 @@ class RecurrentBackbone(MemoryBackbone):
                 ) -> tuple[Tensor, Tensor]:
         """``x`` ``[B, N, I]``, ``state`` ``[B, layers, H']``, ``episode_start`` ``[B, N]``
         -> ``(y [B, N, H], state after the segment)``."""
-        _check_segment(x, episode_start, self.config.input_dim)
+        check_segment(x, episode_start, self.config.input_dim)
         n = x.shape[1]
         # Columns where any row starts an episode (one host sync; none for N = 1).
         cuts = [0] if n == 1 else [0, *(episode_start[:, 1:].any(0).nonzero()[:, 0] + 1).tolist()]
@@ -124,7 +131,7 @@ class NoMemory(MemoryBackbone):
 
     def forward(self, x: Tensor, state: Tensor, episode_start: Tensor
                 ) -> tuple[Tensor, Tensor]:
-        _check_segment(x, episode_start, self.output_dim)
+        check_segment(x, episode_start, self.output_dim)
         return x, state
 
     def step_record(self, state: Tensor) -> dict[str, Tensor]:
@@ -135,14 +142,6 @@ class NoMemory(MemoryBackbone):
 
     def state_from_history(self, records: dict[str, Tensor], valid: Tensor) -> Tensor:
         return torch.zeros(valid.shape[0], 0, device=valid.device)
-
-
-def _check_segment(x: Tensor, episode_start: Tensor, input_dim: int) -> None:
-    if x.dim() != 3 or x.shape[-1] != input_dim:
-        raise ValueError(f"x must have shape [B, N, {input_dim}], got {tuple(x.shape)}")
-    if episode_start.shape != x.shape[:2] or episode_start.dtype != torch.bool:
-        raise ValueError(f"episode_start must be a bool tensor of shape {tuple(x.shape[:2])}, "
-                         f"got {episode_start.dtype} {tuple(episode_start.shape)}")
 
 
 # --- registry ---------------------------------------------------------------------------

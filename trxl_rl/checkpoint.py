@@ -39,14 +39,16 @@ import torch
 from gymnasium import spaces
 
 from trxl_rl.agents import MemoryAgent, build_agent
-from trxl_rl.config import ConfigError, TrainConfig, build_config
+from trxl_rl.config import (
+    TRXL_FIELDS_BEFORE_SECTIONS,
+    ConfigError,
+    TrainConfig,
+    build_config,
+)
 
 FORMAT_VERSION = 4
 READABLE_FORMATS = (1, 2, 3, 4)
 RESUMABLE_FORMATS = (2, 3, 4)
-# The Transformer-XL fields that formats 1 and 2 kept directly under ``model``.
-_TRXL_FIELDS_BEFORE_3 = ("dim", "num_layers", "num_heads", "memory_length",
-                         "positional_encoding", "gating", "norm", "ff_dim", "gate_bias")
 
 
 class CheckpointError(ValueError):
@@ -233,12 +235,20 @@ def check_spaces(checkpoint: dict, observation_space: spaces.Space,
 def config_from_checkpoint(checkpoint: dict) -> TrainConfig:
     """The :class:`trxl_rl.config.TrainConfig` a checkpoint was trained with."""
     config = checkpoint["config"]
-    if checkpoint["format_version"] < 3 and isinstance(config.get("model"), dict):
-        model = dict(config["model"])
-        trxl = {key: model.pop(key) for key in _TRXL_FIELDS_BEFORE_3 if key in model}
+    model = config.get("model")
+    if checkpoint["format_version"] < 3 and isinstance(model, dict):
+        model = dict(model)
+        trxl = {key: model.pop(key) for key in TRXL_FIELDS_BEFORE_SECTIONS if key in model}
         # Before format 3 a missing encoder_dim meant the encoder's default.
         model.setdefault("encoder_dim", None)
         config = {**config, "model": {**model, "backbone": "trxl", "trxl": trxl}}
+    elif isinstance(model, dict) and "gtrxl" in model:
+        # Written before gtrxl read the trxl section (2026-11-29): its own section then.
+        model = dict(model)
+        gtrxl = model.pop("gtrxl")
+        if model.get("backbone") == "gtrxl":
+            model["trxl"] = gtrxl
+        config = {**config, "model": model}
     try:
         return build_config(config)
     except (ConfigError, TypeError, AttributeError) as err:

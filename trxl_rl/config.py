@@ -42,6 +42,14 @@ class EnvConfig:
 # The trainer's defaults for each backbone's section (what the MiniGrid-Memory preset uses).
 TRXL_DEFAULTS = {"dim": 64, "num_layers": 1, "num_heads": 4, "memory_length": 64}
 RNN_DEFAULTS = {"hidden_size": 128, "num_layers": 1}
+# The section (``model.<section>``) each built-in backbone reads its fields from; a backbone
+# registered with trxl_rl.backbones.register_backbone reads ``custom``.
+BACKBONE_SECTIONS = {"trxl": "trxl", "gtrxl": "trxl", "gru": "gru", "lstm": "lstm",
+                     "none": None}
+SECTIONS = ("trxl", "gru", "lstm", "custom")
+# Model fields that moved into the ``model.trxl`` section when other backbones came.
+TRXL_FIELDS_BEFORE_SECTIONS = ("dim", "num_layers", "num_heads", "memory_length",
+                               "positional_encoding", "gating", "norm", "ff_dim", "gate_bias")
 
 
 @dataclass
@@ -55,39 +63,42 @@ class ModelConfig:
     :param encoder_dedupe: image encoders run their CNN once per distinct image of a batch
         (the same function up to float rounding; a large saving for rendered grid worlds on
         a CPU, a loss on a GPU; see ``NatureCNNEncoder``). None (default): on CPU only.
-    :param trxl: fields of :class:`trxl_rl.TrXLConfig` (but ``input_dim``) for ``trxl``.
-    :param gtrxl: the same for ``gtrxl`` (``gating`` is always on).
+    :param trxl: fields of :class:`trxl_rl.TrXLConfig` (but ``input_dim``) for ``trxl`` and
+        ``gtrxl`` (which always has ``gating`` on).
     :param gru: fields of :class:`trxl_rl.backbones.RecurrentConfig` (``hidden_size``,
         ``num_layers``) for ``gru``; ``lstm`` likewise.
     :param custom: keyword arguments of a registered backbone's factory.
 
     Only the section of the chosen backbone is used. A file may hold sections of several
     backbones (a preset that runs with each); an override of another backbone's section on
-    the command line is an error, since it would change nothing.
+    the command line is an error, since it would change nothing. Fields a section leaves out
+    take the defaults above (``TRXL_DEFAULTS``, ``RNN_DEFAULTS``), then the backbone's own.
     """
 
     backbone: str = "trxl"
     encoder_dim: int | None = 64
     encoder_dedupe: bool | None = None
     trxl: dict = field(default_factory=lambda: dict(TRXL_DEFAULTS))
-    gtrxl: dict = field(default_factory=lambda: dict(TRXL_DEFAULTS))
     gru: dict = field(default_factory=lambda: dict(RNN_DEFAULTS))
     lstm: dict = field(default_factory=lambda: dict(RNN_DEFAULTS))
     custom: dict = field(default_factory=dict)
 
     def backbone_section(self) -> str | None:
         """The name of the section the chosen backbone reads (None for ``none``)."""
-        if self.backbone == "none":
-            return None
-        return self.backbone if self.backbone in BACKBONE_SECTIONS else "custom"
+        return BACKBONE_SECTIONS.get(self.backbone, "custom")
+
+    def reads(self, dotted_key: str) -> bool:
+        """False for an option (``model.gru.hidden_size``, ``model.gru``) of a backbone
+        section this model's backbone does not read; True for every other option."""
+        parts = dotted_key.split(".")
+        return not (len(parts) >= 2 and parts[0] == "model" and parts[1] in SECTIONS
+                    and parts[1] != self.backbone_section())
 
     def backbone_fields(self) -> tuple[str | None, dict]:
         """``(section name, the chosen backbone's fields)``."""
         section = self.backbone_section()
         return section, dict(getattr(self, section)) if section else {}
 
-
-BACKBONE_SECTIONS = ("trxl", "gtrxl", "gru", "lstm")
 
 
 @dataclass
@@ -181,6 +192,8 @@ class TrainConfig:
             "ppo.target_kl": ppo.target_kl, "ppo.clip_coef": ppo.clip_coef,
             "ppo.max_grad_norm": ppo.max_grad_norm, "ppo.adam_eps": ppo.adam_eps,
         }
+        if not 0 <= self.seed < 2**31:
+            raise ConfigError(f"seed must be in [0, 2**31), got {self.seed}")
         for name, value in optional_positive.items():
             if value is not None and value <= 0:
                 raise ConfigError(f"{name} must be > 0, got {value}")
@@ -266,14 +279,9 @@ def _check_type(name: str, value: Any, hint: Any) -> Any:
     return value
 
 
-# Model fields that moved into the ``model.trxl`` section when other backbones came.
-_MOVED_TO_TRXL = ("dim", "num_layers", "num_heads", "memory_length", "positional_encoding",
-                  "gating", "norm", "ff_dim", "gate_bias")
-
-
 class _Whole(typing.NamedTuple):
     """A mapping given whole on the command line (``--env.kwargs '{delay: 3}'``): it replaces
-    the mapping field instead of updating it key by key."""
+    the mapping field (starting again from the field's default) instead of updating it."""
 
     value: dict
 
@@ -289,7 +297,7 @@ def _merge(obj: Any, data: dict, prefix: str = "") -> Any:
         name = f"{prefix}{key}"
         if key not in known:
             moved = f" (moved to model.trxl.{key})" if prefix == "model." and \
-                key in _MOVED_TO_TRXL else ""
+                key in TRXL_FIELDS_BEFORE_SECTIONS else ""
             raise ConfigError(
                 f"unknown config key {name!r}{moved}; known keys here: {', '.join(sorted(known))}"
             )
@@ -298,8 +306,9 @@ def _merge(obj: Any, data: dict, prefix: str = "") -> Any:
             if not isinstance(value, dict):
                 raise ConfigError(f"config key {name} must be a mapping, got {value!r}")
             _merge(current, value, prefix=f"{name}.")
-        elif isinstance(current, dict) and isinstance(value, dict) and not whole:
-            setattr(obj, key, _deep_update(current, value))
+        elif isinstance(current, dict) and isinstance(value, dict):
+            base = _field_default(obj, key) if whole else current
+            setattr(obj, key, _deep_update(base, value, f"{name}."))
         else:
             setattr(obj, key, _check_type(name, value, hints[key]))
     return obj
@@ -324,19 +333,31 @@ def _check_backbone_overrides(cfg: TrainConfig, overrides: dict) -> None:
     """Refuse an override of a backbone section the run does not use."""
     used = cfg.model.backbone_section()
     for dotted in overrides:
-        parts = dotted.split(".")
-        if len(parts) > 2 and parts[0] == "model" and parts[1] in (*BACKBONE_SECTIONS, "custom") \
-                and parts[1] != used:
+        if not cfg.model.reads(dotted):
             raise ConfigError(
                 f"--{dotted} does not apply: this run's backbone is {cfg.model.backbone!r}, "
                 f"which reads {'no section' if used is None else f'model.{used}'}; "
                 f"set --model.backbone or drop the option")
 
 
-def _deep_update(target: dict, update: dict) -> dict:
+def _field_default(obj: Any, name: str) -> Any:
+    """The default value of dataclass field ``name`` of ``obj``."""
+    spec = next(f for f in dataclasses.fields(obj) if f.name == name)
+    return spec.default_factory() if spec.default_factory is not dataclasses.MISSING \
+        else spec.default
+
+
+def _deep_update(target: dict, update: dict, prefix: str = "") -> dict:
     out = dict(target)
     for key, value in update.items():
-        out[key] = _deep_update(out.get(key, {}), value) if isinstance(value, dict) else value
+        if isinstance(value, dict):
+            below = out.get(key, {})
+            if not isinstance(below, dict):
+                raise ConfigError(f"config key {prefix}{key} is {below!r}, not a mapping, so "
+                                  f"{prefix}{key}.{next(iter(value), '')} cannot be set")
+            out[key] = _deep_update(below, value, f"{prefix}{key}.")
+        else:
+            out[key] = value
     return out
 
 

@@ -67,6 +67,13 @@ def launched_by_torchrun(environ: Mapping[str, str] | None = None) -> bool:
     return all(key in environ for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
 
 
+def launch_command(world_size: int) -> str:
+    """The command that runs the trainer on ``world_size`` ranks of one machine."""
+    if world_size == 1:
+        return "python -m trxl_rl.train"
+    return f"torchrun --standalone --nproc-per-node {world_size} -m trxl_rl.train"
+
+
 def reduce_rows(rows: np.ndarray, ops: list[str]) -> np.ndarray:
     """Reduce ``rows`` ``[K ranks, n]`` column by column with ``ops`` (n names of
     :data:`REDUCTIONS`); returns ``[n]`` float64."""

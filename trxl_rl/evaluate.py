@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from trxl_rl.agents.observations import obs_to_tensor
 from trxl_rl.envs import completed_episodes, make_vector_env
-from trxl_rl.rollout import obs_to_tensor
 
 EVAL_SEED_OFFSET = 1_000_000  # evaluation seeds = training seed + this (unused in training)
 VIDEO_SUFFIXES = (".gif", ".mp4")
@@ -52,7 +52,7 @@ def run_episodes(agent, env_id: str, env_kwargs: dict, episodes: int, seed: int,
     envs = make_vector_env(env_id, num_envs, **env_kwargs)
     try:
         obs, _ = envs.reset(seed=seed)
-        state = agent.initial_state(num_envs, **_memory_option(memory_length))
+        state = agent.initial_state(num_envs, device=device, **_memory_option(memory_length))
         episode_start = torch.ones(num_envs, dtype=torch.bool, device=device)
         done_count = np.zeros(num_envs, dtype=int)
         results: dict[str, list] = {"return": [], "length": [], "success": []}
@@ -157,7 +157,7 @@ def play_episode(agent, env, seed: int, device: torch.device, deterministic: boo
     :return: ``{"return": float, "length": int, "success": float (nan if undefined)}``.
     """
     obs, _ = env.reset(seed=seed)
-    state = agent.initial_state(1, **_memory_option(memory_length))
+    state = agent.initial_state(1, device=device, **_memory_option(memory_length))
     start = torch.ones(1, dtype=torch.bool, device=device)
     total, length, info = 0.0, 0, {}
     if on_step is not None:

@@ -154,6 +154,16 @@ class TrXLConfig:
             raise ValueError(f"gating must be a bool, got {self.gating!r}")
 
 
+def check_segment(x: Tensor, episode_start: Tensor, input_dim: int) -> None:
+    """:raises ValueError: ``x`` is not ``[B, N, input_dim]`` or ``episode_start`` not a bool
+    ``[B, N]`` (the segment arguments of every :class:`MemoryBackbone`)."""
+    if x.dim() != 3 or x.shape[-1] != input_dim:
+        raise ValueError(f"x must have shape [B, N, {input_dim}], got {tuple(x.shape)}")
+    if episode_start.shape != x.shape[:2] or episode_start.dtype != torch.bool:
+        raise ValueError(f"episode_start must be a bool tensor of shape {tuple(x.shape[:2])}, "
+                         f"got {episode_start.dtype} {tuple(episode_start.shape)}")
+
+
 def _check_int(name: str, value: object, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -498,13 +508,7 @@ class TransformerXL(MemoryBackbone):
 
     def _validate(self, x: Tensor, state: MemoryState, episode_start: Tensor) -> None:
         cfg = self.config
-        if x.dim() != 3 or x.shape[-1] != cfg.input_dim:
-            raise ValueError(f"x must have shape [B, N, {cfg.input_dim}], got {tuple(x.shape)}")
-        if episode_start.shape != x.shape[:2] or episode_start.dtype != torch.bool:
-            raise ValueError(
-                f"episode_start must be a bool tensor of shape {tuple(x.shape[:2])}, "
-                f"got {episode_start.dtype} {tuple(episode_start.shape)}"
-            )
+        check_segment(x, episode_start, cfg.input_dim)
         b, layers, _, dim = state.hidden.shape
         if (b, layers, dim) != (x.shape[0], cfg.num_layers, cfg.dim):
             raise ValueError(

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from trxl_rl.agents.observations import obs_to_tensor, tree_map
 from trxl_rl.checkpoint import (
     CheckpointError,
     config_from_checkpoint,
@@ -44,8 +45,8 @@ from trxl_rl.checkpoint import (
     set_rng_state,
 )
 from trxl_rl.config import ConfigError, TrainConfig, build_config, config_to_dict
+from trxl_rl.distributed import launch_command
 from trxl_rl.memory import MemoryBackbone, MemoryState
-from trxl_rl.rollout import obs_to_tensor, tree_map
 
 # Config keys that may change when a run is resumed: none of them changes what is learned,
 # except total_steps, which stretches the linear schedules from the resume point on.
@@ -103,9 +104,6 @@ def training_state(envs, obs, backbone: MemoryBackbone, state: Any, episode_star
     }
 
 
-TRAINING_STATE = ("rng", "shuffle", "carry", "envs")
-
-
 def checkpoint_world_size(checkpoint: dict) -> int:
     """The number of ranks of the run that wrote ``checkpoint`` (1 before format 4)."""
     return int(checkpoint.get("world_size", 1))
@@ -120,8 +118,7 @@ def check_world_size(checkpoint: dict, world_size: int) -> None:
         return
     def runs(k: int) -> str:
         return "a single process" if k == 1 else f"{k} ranks"
-    command = "python -m trxl_rl.train" if saved == 1 else \
-        f"torchrun --nproc-per-node {saved} -m trxl_rl.train"
+    command = launch_command(saved)
     raise CheckpointError(
         f"{checkpoint.get('path', 'checkpoint')!r} was written by {runs(saved)} and this run "
         f"has {runs(world_size)}: resume it with {runs(saved)} ({command} --resume RUN)")

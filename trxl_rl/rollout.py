@@ -15,7 +15,7 @@ C chunks (segments) in a minibatch.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -23,23 +23,8 @@ import torch
 from gymnasium import spaces
 from torch import Tensor
 
+from trxl_rl.agents.observations import Obs, tree_map
 from trxl_rl.memory import MemoryBackbone
-
-Obs = Tensor | dict[str, Tensor]
-
-
-def tree_map(fn: Callable[[Tensor], Tensor], obs: Obs) -> Obs:
-    """Apply ``fn`` to an observation tensor or to every tensor of a (nested) dict of them."""
-    if isinstance(obs, dict):
-        return {key: tree_map(fn, value) for key, value in obs.items()}
-    return fn(obs)
-
-
-def obs_to_tensor(obs, device: torch.device) -> Obs:
-    """Batched numpy observation (array or dict of arrays) -> tensors on ``device``."""
-    if isinstance(obs, dict):
-        return {key: obs_to_tensor(value, device) for key, value in obs.items()}
-    return torch.as_tensor(np.asarray(obs), device=device)
 
 
 def _empty_obs(space: spaces.Space, lead: tuple[int, ...], device: torch.device) -> Obs:

@@ -39,6 +39,8 @@ import torch
 import yaml
 from torch import Tensor
 
+from trxl_rl.agents.observations import obs_to_tensor
+from trxl_rl.backbones import RecurrentConfig
 from trxl_rl.checkpoint import (
     CheckpointError,
     check_spaces,
@@ -62,7 +64,8 @@ from trxl_rl.config import (
     read_yaml,
     resolve_device,
 )
-from trxl_rl.distributed import RankLost, Ranks, weights_digest
+from trxl_rl.distributed import RankLost, Ranks, launch_command, weights_digest
+from trxl_rl.memory import TrXLConfig
 from trxl_rl.ppo import linear_schedule, ppo_update
 from trxl_rl.resume import (
     StopOnSignal,
@@ -74,7 +77,7 @@ from trxl_rl.resume import (
     run_dir_of,
     training_state,
 )
-from trxl_rl.rollout import Rollout, obs_to_tensor
+from trxl_rl.rollout import Rollout
 
 
 class EpisodeLog:
@@ -91,9 +94,9 @@ class EpisodeLog:
         self.successes += [s for s in finished["success"].tolist() if not np.isnan(s)]
 
     def flush(self) -> dict[str, float]:
-        """Sums and counts of the episodes (:data:`EPISODE_TOTALS`; summed over ranks, they
-        are those of all ranks' episodes), then forget them. :func:`episode_means` turns them
-        into the logged means."""
+        """Sums and counts of the episodes (``episodes/*``; summed over ranks, they are those
+        of all ranks' episodes), then forget them. :func:`episode_means` turns them into the
+        logged means."""
         out = {"episodes/count": float(len(self.returns)),
                "episodes/return_sum": float(np.sum(self.returns)),
                "episodes/length_sum": float(np.sum(self.lengths)),
@@ -101,10 +104,6 @@ class EpisodeLog:
                "episodes/success_sum": float(np.sum(self.successes))}
         self.__init__()
         return out
-
-
-EPISODE_TOTALS = ("episodes/count", "episodes/return_sum", "episodes/length_sum",
-                  "episodes/success_count", "episodes/success_sum")
 
 
 def episode_means(totals: dict[str, float]) -> dict[str, float]:
@@ -124,7 +123,7 @@ def reduction(key: str) -> str:
     """How a logged scalar combines over ranks: episode sums and counts add up (their means
     are then over all ranks' episodes), the first-minibatch checks take the worst rank; the
     rest (losses, seconds) is the mean over ranks."""
-    if key in EPISODE_TOTALS:
+    if key.startswith("episodes/"):
         return "sum"
     if key.startswith("losses/first_minibatch_"):
         return "max"
@@ -254,7 +253,7 @@ def train(cfg: TrainConfig, on_update: Callable[[int, dict[str, float]], None] |
     shuffle = torch.Generator().manual_seed(seed)
     obs, _ = envs.reset(seed=seed)
     envs.action_space.seed(seed)
-    state = agent.initial_state(b)
+    state = agent.initial_state(b, device=device)
     episode_start = torch.ones(b, dtype=torch.bool, device=device)
     first_update, global_step = 1, 0
     if resume is not None:  # before anything is written: a checkpoint that fails leaves no trace
@@ -271,6 +270,8 @@ def train(cfg: TrainConfig, on_update: Callable[[int, dict[str, float]], None] |
     run_dir = Path(cfg.log_dir) / run_name
     writer = None
     if ranks.main:
+        if resume is None:
+            check_new_run_dir(cfg)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg),
                                                             sort_keys=False))
@@ -327,7 +328,8 @@ def train(cfg: TrainConfig, on_update: Callable[[int, dict[str, float]], None] |
 
             stats.update(episodes.flush())
             stats = ranks.reduce_scalars(stats, {key: reduction(key) for key in stats})
-            stats.update(episode_means({key: stats.pop(key) for key in EPISODE_TOTALS}))
+            stats.update(episode_means({key: stats.pop(key) for key in list(stats)
+                                        if key.startswith("episodes/")}))
             stats["charts/SPS"] = (global_step - start_step) / (time.perf_counter() - start_time)
             stats["charts/learning_rate"] = lr
             stats["charts/entropy_coef"] = entropy_coef
@@ -385,8 +387,12 @@ OVERRIDE_HELP = "\n".join(
         for f in dataclasses.fields(section)
         if f.name not in ("env", "model", "ppo")
     )
-) + ("\n  (model.trxl/gtrxl.FIELD: fields of trxl_rl.TrXLConfig; model.gru/lstm.FIELD: "
-     "hidden_size, num_layers; only the section of model.backbone applies)")
+) + ("\n  (model.trxl.FIELD, for trxl and gtrxl: "
+     + ", ".join(f.name for f in dataclasses.fields(TrXLConfig) if f.name != "input_dim")
+     + "; model.gru.FIELD, model.lstm.FIELD: "
+     + ", ".join(f.name for f in dataclasses.fields(RecurrentConfig)
+                 if f.name not in ("input_dim", "cell"))
+     + "; only the section of model.backbone applies)")
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, Any]]:
@@ -463,6 +469,15 @@ def resolve_config(args: argparse.Namespace, overrides: dict[str, Any]) -> Train
     return build_config(base, overrides)
 
 
+def check_new_run_dir(cfg: TrainConfig) -> None:
+    """:raises ConfigError: ``--run-name`` names a directory that already holds a run (a new
+    run would overwrite its config and checkpoints and mix into its logs)."""
+    run_dir = Path(cfg.log_dir) / cfg.run_name if cfg.run_name else None
+    if run_dir is not None and run_dir.is_dir() and any(run_dir.iterdir()):
+        raise ConfigError(f"{str(run_dir)!r} already holds a run: continue it with --resume "
+                          f"{run_dir}, or choose another --run-name")
+
+
 def main(argv: list[str] | None = None) -> int:
     """The CLI, in a single process or on every rank that ``torchrun`` starts; returns the
     exit code (2: a configuration or checkpoint error, found on any rank before anything is
@@ -520,6 +535,8 @@ def _main(argv: list[str] | None, ranks: Ranks) -> int:
             build_agent(cfg, env.observation_space, env.action_space)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+        if resume is None and ranks.main:
+            check_new_run_dir(cfg)
     except (ConfigError, UnknownEnvError, CheckpointError) as err:
         error = str(err)
     failed = ranks.first_error(error)  # every rank stops if any rank's check failed
@@ -531,7 +548,7 @@ def _main(argv: list[str] | None, ranks: Ranks) -> int:
         return 2
     try:
         summary = train(cfg, resume=resume, ranks=ranks)
-    except CheckpointError as err:  # raised while restoring, before the run writes anything
+    except (CheckpointError, ConfigError) as err:  # found before the run writes anything
         print(f"error: {err}", file=sys.stderr)
         return 2
     except TrainingInterrupted as stop:
@@ -549,10 +566,8 @@ def _main(argv: list[str] | None, ranks: Ranks) -> int:
 
 def resume_command(ranks: Ranks) -> str:
     """The command that continues a run of ``ranks`` (before its ``--resume RUN``)."""
-    if not ranks.distributed:
-        return "python -m trxl_rl.train"
     if int(os.environ.get("LOCAL_WORLD_SIZE", ranks.world_size)) == ranks.world_size:
-        return f"torchrun --standalone --nproc-per-node {ranks.world_size} -m trxl_rl.train"
+        return launch_command(ranks.world_size)  # one machine
     return f"the same torchrun command ({ranks.world_size} ranks) with -m trxl_rl.train"
 
 
