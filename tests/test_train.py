@@ -176,6 +176,14 @@ def test_first_minibatch_reproduces_the_rollout_for_every_backbone(tmp_path, bac
         "log_dir": str(tmp_path)}))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_every_backbone_trains_on_cuda_and_reproduces_the_rollout(tmp_path, backbone):
+    assert_first_minibatch_reproduces_the_rollout(small_config(**{
+        "model.backbone": backbone, "device": "cuda", "ppo.rollout_steps": 32,
+        "total_steps": 192, "ppo.learning_rate": 0.01, "log_dir": str(tmp_path)}))
+
+
 def test_a_bfloat16_memory_is_stored_and_recomputed_as_the_agent_used_it():
     cfg = small_config(**{"model.trxl.memory_length": 8})
     agent, rollout = collect_once(cfg, seed=2, dtype=torch.bfloat16)
