@@ -432,3 +432,22 @@ def test_more_cuda_ranks_than_gpus_are_refused_in_one_line(tmp_path):
     assert errors == ["error: rank 1: local rank 1 has no GPU of its own (1 visible): start at "
                       "most 1 ranks per machine (--nproc-per-node) or train with --device cpu"]
     assert files_under(tmp_path) == []
+
+
+def test_advantages_are_normalised_over_every_ranks_share_of_the_minibatch():
+    from trxl_rl.ppo import normalize_advantages
+
+    class TwoRanks:  # rank 1 holds the shares of rank 0 plus 1
+        distributed = True
+
+        def sum(self, tensor):
+            return tensor + other_moments
+
+    torch.manual_seed(0)
+    mine, theirs = torch.randn(4, 8) * 3 + 1, torch.randn(4, 8) - 2
+    other_moments = torch.stack([torch.tensor(32.0), theirs.sum(), theirs.square().sum()])
+    together = torch.cat([mine, theirs])
+    expected = (together - together.mean()) / (together.std() + 1e-8)
+    assert torch.allclose(normalize_advantages(mine, TwoRanks()), expected[:4], atol=1e-5)
+    single = normalize_advantages(mine, Ranks())
+    assert torch.equal(single, (mine - mine.mean()) / (mine.std() + 1e-8))

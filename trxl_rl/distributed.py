@@ -247,6 +247,15 @@ class Ranks:
             offset += e.numel()
         return out
 
+    def sum(self, tensor: Tensor) -> Tensor:
+        """The sum of ``tensor`` over the ranks (a single process: ``tensor`` itself)."""
+        if not self.distributed:
+            return tensor
+        out = tensor.clone()
+        with self._collective("summing statistics"):
+            dist.all_reduce(out, group=self._group(out))
+        return out
+
     def broadcast_parameters(self, module: torch.nn.Module) -> None:
         """Give every rank rank 0's parameters and buffers."""
         if not self.distributed:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from trxl_rl.config import PPOConfig
 from trxl_rl.distributed import Ranks
@@ -13,6 +13,23 @@ from trxl_rl.rollout import Rollout
 def linear_schedule(start: float, end: float | None, progress: float) -> float:
     """``start`` -> ``end`` linearly as ``progress`` goes 0 -> 1 (constant if ``end`` is None)."""
     return start if end is None else start + (end - start) * min(max(progress, 0.0), 1.0)
+
+
+def normalize_advantages(adv: Tensor, ranks: Ranks) -> Tensor:
+    """``(adv - mean) / (std + 1e-8)`` with the mean and (unbiased) standard deviation of the
+    whole minibatch: with data-parallel ranks, of all ranks' shares together, so K ranks
+    normalise as one process does on the concatenated minibatch. A single process uses
+    ``adv.mean()`` and ``adv.std()`` (the same numbers up to float rounding).
+
+    :param adv: ``[C, N]`` this rank's advantages.
+    """
+    if not ranks.distributed:
+        return (adv - adv.mean()) / (adv.std() + 1e-8)
+    count, total, squares = ranks.sum(torch.stack(
+        [adv.new_tensor(float(adv.numel())), adv.sum(), adv.square().sum()]))
+    mean = total / count
+    std = ((squares - count * mean.square()) / (count - 1)).clamp_min(0).sqrt()
+    return (adv - mean) / (std + 1e-8)
 
 
 def ppo_update(agent: nn.Module, optimizer: torch.optim.Optimizer, rollout: Rollout,
@@ -28,9 +45,10 @@ def ppo_update(agent: nn.Module, optimizer: torch.optim.Optimizer, rollout: Roll
 
     With ``ranks`` of a data-parallel run, every minibatch's gradients (and its approx_kl, on
     which the ``target_kl`` early stop is decided) are averaged over the ranks before the
-    gradient is clipped, so every rank takes the same optimizer steps; each rank normalises
-    the advantages of its own share of the minibatch. The returned scalars are this rank's,
-    but for ``losses/explained_variance``, computed on all ranks' rollouts together.
+    gradient is clipped, so every rank takes the same optimizer steps, and the advantages are
+    normalised over the whole minibatch, all ranks' shares together
+    (:func:`normalize_advantages`). The returned scalars are this rank's, but for
+    ``losses/explained_variance``, computed on all ranks' rollouts together.
 
     :return: scalars keyed by their TensorBoard names.
     """
@@ -57,7 +75,7 @@ def ppo_update(agent: nn.Module, optimizer: torch.optim.Optimizer, rollout: Roll
 
             adv = mb.advantages
             if cfg.norm_advantages:
-                adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+                adv = normalize_advantages(adv, ranks)
             pg_loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip)).mean()
 
             value_error = (out.value - mb.returns).square()
