@@ -14,7 +14,7 @@ import yaml
 
 from trxl_rl.agents import action_dtype, action_shape, build_agent
 from trxl_rl.backbones import NoMemory
-from trxl_rl.config import build_config, config_to_dict, preset_path, read_yaml
+from trxl_rl.config import ConfigError, build_config, config_to_dict, preset_path, read_yaml
 from trxl_rl.envs import make_env, make_vector_env
 from trxl_rl.ppo import ppo_update
 from trxl_rl.rollout import Rollout
@@ -282,6 +282,18 @@ def test_cli_bad_config_is_one_line_and_exit_code_2(capsys, tmp_path, args, need
     assert code == 2
     assert needle in err and len(err.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_numbers_in_scientific_notation_are_numbers_on_the_command_line_and_in_files(tmp_path):
+    # PyYAML (YAML 1.1) reads 1e-3 and 5e5 as strings; users write them for rates and budgets.
+    (tmp_path / "my.yaml").write_text("ppo: {learning_rate: 3e-4}\ntotal_steps: 2e5\n")
+    cfg = build_config(read_yaml(tmp_path / "my.yaml"), {"ppo.entropy_coef": "1E-2"})
+    assert cfg.ppo.learning_rate == 3e-4 and cfg.ppo.entropy_coef == 0.01
+    assert cfg.total_steps == 200_000 and isinstance(cfg.total_steps, int)
+    for key, value, needle in [("ppo.learning_rate", "1e-3x", "must be float"),
+                               ("total_steps", "2.5e-1", "must be int")]:
+        with pytest.raises(ConfigError, match=needle):
+            build_config({}, {key: value})
 
 
 def test_cli_refuses_to_start_a_new_run_in_a_directory_that_holds_one(tmp_path, capsys):

@@ -10,6 +10,7 @@ Mappings (``env.kwargs`` and the backbone sections ``model.trxl`` ...) merge key
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -257,6 +258,10 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
+# A number in scientific notation that YAML 1.1 (PyYAML) leaves a string: 1e-3, 5e5, 2.5E6.
+_SCIENTIFIC = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)[eE][-+]?\d+")
+
+
 def _check_type(name: str, value: Any, hint: Any) -> Any:
     """Return ``value`` converted to ``hint`` where that is lossless, else raise."""
     origin = typing.get_origin(hint)
@@ -266,11 +271,13 @@ def _check_type(name: str, value: Any, hint: Any) -> Any:
             return None
         hint = next(o for o in options if o is not type(None))
         origin = typing.get_origin(hint)
+    if hint in (int, float) and isinstance(value, str) and _SCIENTIFIC.fullmatch(value):
+        value = float(value)  # YAML 1.1 reads 1e-3 and 5e5 as strings
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     expected = origin or hint
     if expected is int and isinstance(value, float) and value.is_integer():
-        value = int(value)  # 5e5 in YAML is a float
+        value = int(value)  # 5.0e+5 in YAML is a float
     if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
         raise ConfigError(
             f"config key {name} must be {getattr(expected, '__name__', expected)}, "
