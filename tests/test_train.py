@@ -284,7 +284,7 @@ def test_cli_bad_config_is_one_line_and_exit_code_2(capsys, tmp_path, args, need
     assert list(tmp_path.iterdir()) == []
 
 
-def test_numbers_in_scientific_notation_are_numbers_on_the_command_line_and_in_files(tmp_path):
+def test_numbers_in_scientific_notation_are_numbers_in_overrides_and_in_files(tmp_path):
     # PyYAML (YAML 1.1) reads 1e-3 and 5e5 as strings; users write them for rates and budgets.
     (tmp_path / "my.yaml").write_text("ppo: {learning_rate: 3e-4}\ntotal_steps: 2e5\n")
     cfg = build_config(read_yaml(tmp_path / "my.yaml"), {"ppo.entropy_coef": "1E-2"})
