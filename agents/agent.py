@@ -92,12 +92,21 @@ class MemoryAgent(nn.Module):
         """features ``[B, D]`` -> (action distribution over B, values ``[B]``)."""
         return self.action_head(self.policy_body(features)), self.value_head(features)[..., 0]
 
+    def step(self, obs: Obs, state: Any, episode_start: Tensor
+             ) -> tuple[ActionDistribution, Tensor, Any]:
+        """The policy at one step, before an action is chosen: obs ``[B, ...]``,
+        episode_start ``[B]`` bool -> (action distribution over B, values ``[B]``, the
+        backbone's state after this step). :meth:`act` samples from it; ``trxl_rl.export``
+        traces it."""
+        features, state = self.memory.step(self.encoder(obs), state, episode_start)
+        dist, value = self._heads(features)
+        return dist, value, state
+
     @torch.no_grad()
     def act(self, obs: Obs, state: Any, episode_start: Tensor,
             deterministic: bool = False) -> ActOutput:
         """One rollout step. obs ``[B, ...]``, episode_start ``[B]`` bool."""
-        features, state = self.memory.step(self.encoder(obs), state, episode_start)
-        dist, value = self._heads(features)
+        dist, value, state = self.step(obs, state, episode_start)
         action = dist.mode() if deterministic else dist.sample()
         return ActOutput(action, dist.log_prob(action), value, state)
 

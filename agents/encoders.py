@@ -111,6 +111,8 @@ class GridEmbeddingEncoder(ObservationEncoder):
         return torch.relu(self.linear(cells.flatten(1)) + self.pooled(in_view))
 
     def _check_range(self, obs: Tensor) -> None:
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return  # an exported step (trxl_rl.export) is a graph without data-dependent branches
         outside = ((obs < 0) | (obs > self.high)).flatten(0, -2).any(0)  # (C,)
         if obs.is_cuda:
             torch._assert_async(~outside.any(), "grid observation value outside 0..high")
@@ -320,8 +322,10 @@ class MLPEncoder(ObservationEncoder):
         ``MultiDiscrete``). :return: ``[B, out_dim]``."""
         if self.offsets is not None:
             # (B, D) column of each dimension's category -> (B, in_dim) of D ones
-            columns = obs.reshape(len(obs), -1).long() + self.offsets
-            obs = torch.zeros(len(obs), self.in_dim, device=obs.device).scatter_(1, columns, 1.0)
+            # (obs.shape[0], not len(obs): an exported step keeps its batch size open)
+            columns = obs.reshape(obs.shape[0], -1).long() + self.offsets
+            obs = torch.zeros(obs.shape[0], self.in_dim, device=obs.device).scatter_(1, columns,
+                                                                                      1.0)
         return self.mlp(obs.flatten(1).float())
 
 

@@ -36,11 +36,16 @@ def trained(tmp_path_factory):
     return latest_checkpoint(root / "tiny")
 
 
-def untrained_checkpoint(path: Path, **overrides) -> Path:
-    """A checkpoint of a freshly initialised agent for ``small_config(**overrides)``."""
+def untrained_checkpoint(path: Path, noise: float = 0.0, **overrides) -> Path:
+    """A checkpoint of a freshly initialised agent for ``small_config(**overrides)``, every
+    weight moved by ``noise`` times standard normal noise (a policy far from uniform)."""
     cfg = small_config(**overrides)
     env = make_env(cfg.env.id, **cfg.env.kwargs)
     agent = build_agent(cfg, env.observation_space, env.action_space)
+    if noise:
+        with torch.no_grad():
+            for p in agent.parameters():
+                p.add_(noise * torch.randn_like(p))
     return save_checkpoint(path, {
         "model": agent.state_dict(), "config": config_to_dict(cfg),
         "spaces": {"observation": space_to_dict(env.observation_space),

@@ -527,7 +527,8 @@ class TransformerXL(MemoryBackbone):
             the memory before it becomes invisible to it and to every later token.
         :return: outputs ``[B, N, D]`` and the memory after the segment.
         """
-        self._validate(x, state, episode_start)
+        if not torch.jit.is_tracing():  # shapes are tensors then (trxl_rl.export checks the
+            self._validate(x, state, episode_start)  # arguments in an eager call first)
         n, m = x.shape[1], state.memory_length
         dev = x.device
 
@@ -543,9 +544,15 @@ class TransformerXL(MemoryBackbone):
         visible = visible[:, None]  # [B, 1, N, M + N]
         distance = distance.clamp(0, m)
 
-        # Index of every token within its episode (used by the absolute encoding).
-        starts = torch.where(episode_start, q_idx.T, -1).cummax(1).values  # [B, N]
-        position = torch.where(starts >= 0, q_idx.T - starts, state.position[:, None] + q_idx.T)
+        # Index of every token within its episode (used by the absolute encoding). A single
+        # token needs no running maximum (and ONNX, which trxl_rl.export writes the step to,
+        # has no cummax).
+        if n == 1:
+            position = torch.where(episode_start, 0, state.position[:, None])  # [B, 1]
+        else:
+            starts = torch.where(episode_start, q_idx.T, -1).cummax(1).values  # [B, N]
+            position = torch.where(starts >= 0, q_idx.T - starts,
+                                   state.position[:, None] + q_idx.T)
 
         h = self.input_proj(x)  # [B, N, D]
         if self.config.positional_encoding == "absolute":

@@ -1,0 +1,168 @@
+"""Run a policy exported by ``python -m trxl_rl.export`` in a gymnasium env loop, without
+trxl_rl: numpy, gymnasium and either onnxruntime (``.onnx``) or torch (``.pt``, TorchScript).
+
+    python -m trxl_rl.export runs/<run> --out policy.onnx
+    python examples/run_exported_policy.py policy.onnx --episodes 5          # sampled actions
+    python examples/run_exported_policy.py policy.pt --greedy --env CartPole-v1
+
+The env (default: the id the policy was trained on, through ``gymnasium.make``) must give
+the observations the policy was trained on, i.e. those of ``trxl_rl.envs.make_env``: for a
+plain gymnasium env (CartPole, Pendulum, ...) that is ``gymnasium.make``; trxl_rl's own
+envs (MiniGrid-Memory, CueRecall, POPGym with the previous action) wrap theirs.
+
+The functions below are what any caller of an exported step does (the layout is documented
+in ``trxl_rl/export.py``): keep the memory, feed it back after every step, start each episode
+with ``episode_start`` True, and choose actions from the distribution parameters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+from collections.abc import Callable
+
+import gymnasium as gym
+import numpy as np
+
+Arrays = dict[str, np.ndarray]
+
+
+def load_policy(path: str, threads: int | None = None
+                ) -> tuple[Callable[[Arrays], Arrays], dict]:
+    """``(step, spec)``: ``step(inputs) -> outputs`` maps input names to arrays and output
+    names to arrays; ``spec`` is the JSON the exporter wrote into the file. ``threads``:
+    onnxruntime's threads (None: its default; torch's are ``torch.set_num_threads``)."""
+    if path.endswith(".onnx"):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = options.inter_op_num_threads = threads
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        spec = json.loads(session.get_modelmeta().custom_metadata_map["trxl_rl"])
+        names = [o["name"] for o in spec["outputs"]]
+        return lambda inputs: dict(zip(names, session.run(names, inputs), strict=True)), spec
+    import torch
+
+    extra = {"trxl_rl.json": ""}
+    with open(path, "rb") as f:
+        module = torch.jit.load(io.BytesIO(f.read()), _extra_files=extra)
+    spec = json.loads(extra["trxl_rl.json"])
+
+    def step(inputs: Arrays) -> Arrays:
+        with torch.no_grad():
+            out = module(*(torch.from_numpy(inputs[i["name"]]) for i in spec["inputs"]))
+        return {o["name"]: t.numpy() for o, t in zip(spec["outputs"], out, strict=True)}
+    return step, spec
+
+
+def initial_memory(spec: dict, batch: int) -> Arrays:
+    """The memory of ``batch`` rows before any step: zeros (``valid`` False)."""
+    shapes = {i["name"]: i for i in spec["inputs"]}
+    return {m["input"]: np.zeros((batch, *shapes[m["input"]]["shape"][1:]),
+                                 dtype=shapes[m["input"]]["dtype"]) for m in spec["memory"]}
+
+
+def observation_inputs(spec: dict, obs) -> Arrays:
+    """A batch of observations (an array, or a dict of them as a vector env returns) ->
+    the ``obs`` inputs, each in its dtype."""
+    out = {}
+    for entry in spec["inputs"]:
+        path = entry["name"].split(".")
+        if path[0] != "obs":
+            continue
+        value = obs
+        for key in path[1:]:
+            value = value[key]
+        out[entry["name"]] = np.ascontiguousarray(value, dtype=entry["dtype"])
+    return out
+
+
+def step(policy: Callable[[Arrays], Arrays], spec: dict, obs: Arrays, memory: Arrays,
+         episode_start: np.ndarray) -> tuple[Arrays, Arrays]:
+    """One step: ``(outputs, new memory)``; ``episode_start`` ``[B]`` bool."""
+    outputs = policy({**obs, **memory, "episode_start": episode_start.astype(np.bool_)})
+    return outputs, {m["input"]: outputs[m["output"]] for m in spec["memory"]}
+
+
+def greedy_action(spec: dict, outputs: Arrays) -> np.ndarray:
+    """The most likely action of every row (``Box``: the mean, before clipping)."""
+    if spec["action"]["distribution"] == "gaussian":
+        return outputs["mean"]
+    return outputs["logits"].argmax(-1) + np.asarray(spec["action"]["start"])
+
+
+def sample_action(spec: dict, outputs: Arrays, rng: np.random.Generator) -> np.ndarray:
+    """A random action of every row, drawn as the trainer draws it."""
+    if spec["action"]["distribution"] == "gaussian":
+        mean, log_std = outputs["mean"], outputs["log_std"]
+        return (mean + np.exp(log_std) * rng.standard_normal(mean.shape)).astype(np.float32)
+    # Gumbel-max: argmax(logits + Gumbel noise) is a draw from softmax(logits).
+    logits = outputs["logits"]
+    return (logits - np.log(-np.log(rng.uniform(size=logits.shape)))).argmax(-1) \
+        + np.asarray(spec["action"]["start"])
+
+
+def log_prob(spec: dict, outputs: Arrays, action: np.ndarray) -> np.ndarray:
+    """Log-probability ``[B]`` of ``action`` (as sampled, unclipped) under the outputs."""
+    if spec["action"]["distribution"] == "gaussian":
+        mean, log_std = outputs["mean"], outputs["log_std"]
+        z = (action - mean) * np.exp(-log_std)
+        per_dim = -0.5 * z**2 - log_std - 0.5 * math.log(2 * math.pi)
+        return per_dim.reshape(len(action), -1).sum(-1)
+    index = (action - np.asarray(spec["action"]["start"]))[..., None]
+    per_dim = np.take_along_axis(outputs["logits"], index, -1)[..., 0]
+    return per_dim.reshape(len(action), -1).sum(-1)
+
+
+def env_action(spec: dict, action: np.ndarray) -> np.ndarray:
+    """The action as the env takes it: ``Box`` actions clipped to the space's bounds."""
+    space = spec["action_space"]
+    if space["type"] == "Box":
+        return np.clip(action, np.asarray(space["low"]), np.asarray(space["high"]))
+    return action
+
+
+def run_episodes(policy: Callable[[Arrays], Arrays], spec: dict, env: gym.Env,
+                 episodes: int, greedy: bool, seed: int) -> list[float]:
+    """The returns of ``episodes`` episodes of one env (a batch of one row)."""
+    rng = np.random.default_rng(seed)
+    memory, returns = initial_memory(spec, 1), []
+    for episode in range(episodes):
+        obs, _ = env.reset(seed=seed + episode)
+        episode_start, total, done = np.ones(1, dtype=bool), 0.0, False
+        while not done:
+            batch = obs[None] if not isinstance(obs, dict) else \
+                {key: np.asarray(value)[None] for key, value in obs.items()}
+            outputs, memory = step(policy, spec, observation_inputs(spec, batch), memory,
+                                   episode_start)
+            action = greedy_action(spec, outputs) if greedy else \
+                sample_action(spec, outputs, rng)
+            obs, reward, terminated, truncated, _ = env.step(env_action(spec, action)[0])
+            total += float(reward)
+            done = terminated or truncated
+            episode_start = np.zeros(1, dtype=bool)
+        returns.append(total)
+    return returns
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("policy", help="an exported .onnx or .pt (TorchScript) file")
+    parser.add_argument("--env", help="gymnasium id (default: the id trained on)")
+    parser.add_argument("--episodes", type=int, default=3)
+    parser.add_argument("--greedy", action="store_true", help="most likely actions")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    policy, spec = load_policy(args.policy)
+    env = gym.make(args.env or spec["env_id"], **({} if args.env else spec["env_kwargs"]))
+    returns = run_episodes(policy, spec, env, args.episodes, args.greedy, args.seed)
+    env.close()
+    print(json.dumps({"episodes": len(returns), "returns": returns,
+                      "return_mean": float(np.mean(returns))}))
+
+
+if __name__ == "__main__":
+    main()
