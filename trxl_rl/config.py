@@ -140,6 +140,10 @@ class TrainConfig:
     :param eval_episodes: episodes of the final evaluation on seeds not used in training
         (0 disables it).
     :param eval_deterministic: the final evaluation takes greedy actions (False: sampled).
+    :param track: also log the scalars to a Weights & Biases run named after the run
+        directory (CleanRL's ``--track``; needs the ``wandb`` extra; rank 0 only).
+    :param wandb_project_name: the W&B project of the run; ``wandb_entity``: its team or user
+        (None: W&B's default entity).
     """
 
     env: EnvConfig = field(default_factory=EnvConfig)
@@ -155,6 +159,9 @@ class TrainConfig:
     eval_episodes: int = 100
     eval_deterministic: bool = True
     progress: bool = True
+    track: bool = False
+    wandb_project_name: str = "trxl_rl"
+    wandb_entity: str | None = None
 
     def validate(self) -> TrainConfig:
         """Check the values that types cannot; raise :class:`ConfigError`."""

@@ -18,6 +18,11 @@ Every rank runs ``env.num_envs`` envs of its own (env ``i`` of rank ``r`` is see
 over the ranks. ``total_steps`` counts the steps of all ranks. Rank 0 alone writes TensorBoard,
 ``config.yaml``, checkpoints (with every rank's training state) and ``summary.json``, shows the
 progress bar and runs the final evaluation.
+
+Every scalar goes through one :class:`trxl_rl.metrics.Metrics` object to TensorBoard, the
+progress bar and, with ``--track`` (CleanRL's flag), a Weights & Biases run:
+
+    python -m trxl_rl.train --env MiniGrid-Memory --track --wandb-project-name X --wandb-entity Y
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ from trxl_rl.config import (
 )
 from trxl_rl.distributed import RankLost, Ranks, launch_command, weights_digest
 from trxl_rl.memory import TrXLConfig
+from trxl_rl.metrics import Metrics, ProgressBar, TensorBoard, WandbRun, check_wandb
 from trxl_rl.ppo import linear_schedule, ppo_update
 from trxl_rl.resume import (
     StopOnSignal,
@@ -119,6 +125,18 @@ def episode_means(totals: dict[str, float]) -> dict[str, float]:
     return out
 
 
+def update_scalars(stats: dict[str, float], episodes: EpisodeLog, ranks: Ranks
+                   ) -> dict[str, float]:
+    """The scalars of an update as logged: this rank's ``stats`` and the episodes it finished
+    since the last update, reduced over the ranks (:func:`reduction`), with the episode sums
+    turned into means (:func:`episode_means`)."""
+    stats = {**stats, **episodes.flush()}
+    stats = ranks.reduce_scalars(stats, {key: reduction(key) for key in stats})
+    stats.update(episode_means({key: stats.pop(key) for key in list(stats)
+                                if key.startswith("episodes/")}))
+    return stats
+
+
 def reduction(key: str) -> str:
     """How a logged scalar combines over ranks: episode sums and counts add up (their means
     are then over all ranks' episodes), the first-minibatch checks take the worst rank; the
@@ -136,6 +154,13 @@ class Carry(NamedTuple):
     obs: Any  # batched observation of the vector env (numpy)
     state: Any  # each env's memory (the backbone's state, B rows)
     episode_start: Tensor  # [B] bool: the next step is the first of an episode
+
+
+def schedules(ppo: PPOConfig, progress: float) -> tuple[float, float]:
+    """The learning rate and the entropy coefficient of an update, at ``progress`` (the
+    fraction of the run's updates done before it) of their linear schedules."""
+    return (linear_schedule(ppo.learning_rate, ppo.learning_rate_final, progress),
+            linear_schedule(ppo.entropy_coef, ppo.entropy_coef_final, progress))
 
 
 def make_optimizer(cfg: TrainConfig, agent) -> torch.optim.Optimizer:
@@ -264,33 +289,12 @@ def train(cfg: TrainConfig, on_update: Callable[[int, dict[str, float]], None] |
     else:
         ranks.broadcast_parameters(agent)
 
-    run_name = ranks.broadcast_object(
-        cfg.run_name or (f"{Path(cfg.env.id).name}__seed{cfg.seed}__"
-                         f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"))
-    run_dir = Path(cfg.log_dir) / run_name
-    writer = None
-    if ranks.main:
-        if resume is None:
-            check_new_run_dir(cfg)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg),
-                                                            sort_keys=False))
-        from torch.utils.tensorboard import SummaryWriter
-
-        # A resumed run hides what the interrupted one logged after its checkpoint.
-        writer = SummaryWriter(str(run_dir), purge_step=None if resume is None
-                               else resume["counters"]["global_step"] + 1)
-    from tqdm import tqdm
-
+    run_dir = start_run_dir(cfg, resume, ranks)
     rollout = Rollout(t_steps, b, obs_space, action_shape(act_space), action_dtype(act_space),
                       agent.memory, device)
     steps_per_update = ranks.world_size * b * t_steps  # all ranks' steps
     num_updates = max(1, cfg.total_steps // steps_per_update)  # whole rollouts within budget
     episodes = EpisodeLog()
-    start_step, start_time = global_step, time.perf_counter()
-    bar = tqdm(total=num_updates * steps_per_update, initial=global_step, unit="step",
-               disable=not (cfg.progress and ranks.main), dynamic_ncols=True)
-    shown: dict[str, float] = {}
 
     def checkpoint(update: int) -> None:
         mine = training_state(envs, obs, agent.memory, state, episode_start, shuffle)
@@ -310,73 +314,99 @@ def train(cfg: TrainConfig, on_update: Callable[[int, dict[str, float]], None] |
             **states[0], "world_size": ranks.world_size, "other_ranks": states[1:],
         })
 
-    stop = StopOnSignal(announce=ranks.main).install()
-    try:
-        for update in range(first_update, num_updates + 1):
-            progress = (update - 1) / num_updates
-            lr = linear_schedule(cfg.ppo.learning_rate, cfg.ppo.learning_rate_final, progress)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            entropy_coef = linear_schedule(cfg.ppo.entropy_coef, cfg.ppo.entropy_coef_final,
-                                           progress)
+    with open_metrics(cfg, run_dir, resume, ranks, total=num_updates * steps_per_update,
+                      initial=global_step) as metrics:
+        # SPS and train_seconds leave out starting the sinks (W&B: seconds)
+        start_step, start_time = global_step, time.perf_counter()
+        stop = StopOnSignal(announce=ranks.main).install()
+        try:
+            for update in range(first_update, num_updates + 1):
+                lr, entropy_coef = schedules(cfg.ppo, (update - 1) / num_updates)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                carry, stats = iteration(agent, optimizer, envs, rollout,
+                                         Carry(obs, state, episode_start), cfg.ppo,
+                                         entropy_coef, shuffle, episodes, device, ranks)
+                obs, state, episode_start = carry
+                global_step += steps_per_update
 
-            carry, stats = iteration(agent, optimizer, envs, rollout,
-                                     Carry(obs, state, episode_start), cfg.ppo, entropy_coef,
-                                     shuffle, episodes, device, ranks)
-            obs, state, episode_start = carry
-            global_step += steps_per_update
+                stats = update_scalars(stats, episodes, ranks)
+                stats["charts/SPS"] = ((global_step - start_step)
+                                       / (time.perf_counter() - start_time))
+                stats["charts/learning_rate"] = lr
+                stats["charts/entropy_coef"] = entropy_coef
+                metrics.record(stats, global_step)
+                if on_update is not None:
+                    on_update(update, stats)
+                # A signal at any rank stops every rank after this update.
+                signum = int(ranks.reduce_scalars({"signal": stop.signum or 0},
+                                                  {"signal": "max"})["signal"])
+                if update % cfg.checkpoint_every == 0 or update == num_updates or signum:
+                    checkpoint(update)
+                if signum:
+                    raise TrainingInterrupted(signum,
+                                              run_dir / "checkpoints" / checkpoint_name(update))
+        finally:
+            stop.uninstall()
+            envs.close()
 
-            stats.update(episodes.flush())
-            stats = ranks.reduce_scalars(stats, {key: reduction(key) for key in stats})
-            stats.update(episode_means({key: stats.pop(key) for key in list(stats)
-                                        if key.startswith("episodes/")}))
-            stats["charts/SPS"] = (global_step - start_step) / (time.perf_counter() - start_time)
-            stats["charts/learning_rate"] = lr
-            stats["charts/entropy_coef"] = entropy_coef
-            if writer is not None:
-                for key, value in stats.items():
-                    writer.add_scalar(key, value, global_step)
-            if on_update is not None:
-                on_update(update, stats)
-            for key, short in (("charts/episodic_return", "ret"),
-                               ("charts/success_rate", "success")):
-                if key in stats:
-                    shown[short] = round(stats[key], 3)
-            shown["SPS"] = int(stats["charts/SPS"])
-            bar.set_postfix(shown, refresh=False)
-            bar.update(steps_per_update)
-            # A signal at any rank stops every rank after this update.
-            signum = int(ranks.reduce_scalars({"signal": stop.signum or 0},
-                                              {"signal": "max"})["signal"])
-            if update % cfg.checkpoint_every == 0 or update == num_updates or signum:
-                checkpoint(update)
-            if signum:
-                if writer is not None:
-                    writer.close()
-                raise TrainingInterrupted(signum,
-                                          run_dir / "checkpoints" / checkpoint_name(update))
-    finally:
-        stop.uninstall()
-        bar.close()
-        envs.close()
-
-    summary: dict[str, Any] = {"global_step": global_step,
-                               "train_seconds": time.perf_counter() - start_time}
-    if not ranks.main:
-        return summary
-    if cfg.eval_episodes > 0:
-        from trxl_rl.evaluate import EVAL_SEED_OFFSET, run_episodes, summarize
-
-        agent.eval()
-        results = run_episodes(agent, cfg.env.id, cfg.env.kwargs, cfg.eval_episodes,
-                               seed=cfg.seed + EVAL_SEED_OFFSET, device=device,
-                               deterministic=cfg.eval_deterministic)
-        summary.update(summarize(results), eval_deterministic=cfg.eval_deterministic)
-        writer.add_scalar("eval/success_rate", summary["success_rate"], global_step)
-        writer.add_scalar("eval/episodic_return", summary["return_mean"], global_step)
-    writer.close()
+        summary: dict[str, Any] = {"global_step": global_step,
+                                   "train_seconds": time.perf_counter() - start_time}
+        if not ranks.main:
+            return summary
+        if cfg.eval_episodes > 0:
+            summary.update(final_evaluation(cfg, agent, device))
+            metrics.record({"eval/success_rate": summary["success_rate"],
+                            "eval/episodic_return": summary["return_mean"]}, global_step)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def start_run_dir(cfg: TrainConfig, resume: dict | None, ranks: Ranks) -> Path:
+    """The run directory, named the same on every rank; rank 0 creates it (or, resuming,
+    finds it) and writes ``config.yaml`` there."""
+    run_name = ranks.broadcast_object(
+        cfg.run_name or (f"{Path(cfg.env.id).name}__seed{cfg.seed}__"
+                         f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"))
+    run_dir = Path(cfg.log_dir) / run_name
+    if ranks.main:
+        if resume is None:
+            check_new_run_dir(cfg)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg),
+                                                            sort_keys=False))
+    return run_dir
+
+
+def open_metrics(cfg: TrainConfig, run_dir: Path, resume: dict | None, ranks: Ranks,
+                 total: int, initial: int) -> Metrics:
+    """Rank 0's sinks of the logged scalars: TensorBoard in ``run_dir``, the progress bar over
+    ``total`` steps from ``initial`` (``cfg.progress``), and the W&B run (``cfg.track``).
+    The other ranks log nothing."""
+    if not ranks.main:
+        return Metrics()
+    sinks = []
+    if cfg.track:  # first: the sink most likely to fail (login, network)
+        sinks.append(WandbRun(run_dir, cfg.wandb_project_name, cfg.wandb_entity,
+                              config_to_dict(cfg)))
+    # A resumed run hides what the interrupted one logged after its checkpoint.
+    sinks.append(TensorBoard(run_dir, purge_step=None if resume is None
+                             else resume["counters"]["global_step"] + 1))
+    if cfg.progress:
+        sinks.append(ProgressBar(total, initial))
+    return Metrics(sinks)
+
+
+def final_evaluation(cfg: TrainConfig, agent, device: torch.device) -> dict[str, Any]:
+    """``cfg.eval_episodes`` episodes on seeds that training did not use
+    (:func:`trxl_rl.evaluate.summarize` of them, and ``eval_deterministic``)."""
+    from trxl_rl.evaluate import EVAL_SEED_OFFSET, run_episodes, summarize
+
+    agent.eval()
+    results = run_episodes(agent, cfg.env.id, cfg.env.kwargs, cfg.eval_episodes,
+                           seed=cfg.seed + EVAL_SEED_OFFSET, device=device,
+                           deterministic=cfg.eval_deterministic)
+    return {**summarize(results), "eval_deterministic": cfg.eval_deterministic}
 
 
 OVERRIDE_HELP = "\n".join(
@@ -393,6 +423,14 @@ OVERRIDE_HELP = "\n".join(
      + ", ".join(f.name for f in dataclasses.fields(RecurrentConfig)
                  if f.name not in ("input_dim", "cell"))
      + "; only the section of model.backbone applies)")
+
+
+def yaml_bool(raw: str) -> bool:
+    """A boolean command-line value, spelled as in YAML (true/false, yes/no, on/off)."""
+    value = yaml.safe_load(raw) if raw.strip() else None
+    if not isinstance(value, bool):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {raw!r}")
+    return value
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, Any]]:
@@ -414,13 +452,22 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, An
     parser.add_argument("--total-steps", type=int)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--run-name")
+    parser.add_argument("--track", nargs="?", const=True, type=yaml_bool, metavar="BOOL",
+                        help="also log to Weights & Biases (needs the wandb extra), as a run "
+                             "named after the run directory (default: false; --track alone "
+                             "is --track true)")
+    parser.add_argument("--wandb-project-name", metavar="NAME",
+                        help="W&B project (default: trxl_rl)")
+    parser.add_argument("--wandb-entity", metavar="NAME",
+                        help="W&B team or user (default: W&B's default entity)")
     parser.add_argument("--resume", metavar="RUN",
                         help="continue the run in directory RUN (e.g. runs/<run>) from its "
                              "newest checkpoint, or from the checkpoint file RUN, with the "
                              "run's own config; only --total-steps, --device, --threads, "
-                             "--progress, --checkpoint_every, --eval_episodes and "
-                             "--eval_deterministic may change (a run of K torchrun "
-                             "ranks resumes with K ranks). "
+                             "--progress, --checkpoint_every, --eval_episodes, "
+                             "--eval_deterministic, --track, --wandb-project-name and "
+                             "--wandb-entity may change (a run of K torchrun ranks resumes "
+                             "with K ranks; a tracked run continues its W&B run). "
                              "SIGINT/SIGTERM during training save a checkpoint after the "
                              "current update and exit with 130/143")
     args, rest = parser.parse_known_args(argv)
@@ -443,7 +490,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, An
         except yaml.YAMLError:
             raise ConfigError(f"cannot parse the value {raw!r} of --{key}") from None
     for name, value in (("seed", args.seed), ("total_steps", args.total_steps),
-                        ("device", args.device), ("run_name", args.run_name)):
+                        ("device", args.device), ("run_name", args.run_name),
+                        ("track", args.track), ("wandb_project_name", args.wandb_project_name),
+                        ("wandb_entity", args.wandb_entity)):
         if value is not None:
             overrides[name] = value
     return args, overrides
@@ -537,6 +586,11 @@ def _main(argv: list[str] | None, ranks: Ranks) -> int:
             raise ConfigError(str(err)) from None
         if resume is None and ranks.main:
             check_new_run_dir(cfg)
+        if cfg.track and ranks.main:  # rank 0 alone logs
+            try:
+                check_wandb()
+            except ImportError as err:
+                raise ConfigError(str(err)) from None
     except (ConfigError, UnknownEnvError, CheckpointError) as err:
         error = str(err)
     failed = ranks.first_error(error)  # every rank stops if any rank's check failed
