@@ -1,6 +1,6 @@
 """Steps/s of an exported policy (onnxruntime, TorchScript) against ``load_agent`` on CPU.
 
-    python -m benchmarks.export_speed                  # the table (about a minute)
+    python -m benchmarks.export_speed                  # the table (about 3 minutes)
     python -m benchmarks.export_speed --json out.json  # and the rows as JSON
 
 What one row times: a policy step of B environments with sampled actions, the memory fed
@@ -9,7 +9,8 @@ path (``agent.act``: Transformer-XL keys/values of the memory cached between ste
 the exported step is the one ``python -m trxl_rl.export`` writes (no cache: every step
 projects the whole memory again, as a pure function of its inputs must), called as
 ``examples/run_exported_policy.py`` calls it, actions drawn in numpy. One thread each (torch
-and onnxruntime). Every row runs in its own process, so its peak RSS is its own. The agents
+and onnxruntime). Every row runs in its own process, so its peak RSS is its own: the
+``onnx`` row imports neither torch nor trxl_rl, as a deployment would not. The agents
 are freshly initialised (weights do not change the work): the MiniGrid-Memory preset with
 its Transformer-XL (1 x 64, M = 64) and with the GRU, and the published-pixel configuration
 (84x84 RGB, 2 x 256, M = 64; the pixel preset without its decoder).
@@ -21,12 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 MODELS = {
     "preset-trxl": {"preset": "MiniGrid-Memory", "overrides": {}},
@@ -72,42 +74,72 @@ def time_calls(call, seconds: float) -> float:
     return calls / (time.perf_counter() - start)
 
 
-def measure(checkpoint: str, exported: str | None, runtime: str, batch: int,
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (``VmHWM``: unlike ``ru_maxrss``, which Linux
+    carries over from the parent through fork and exec, it starts anew at exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def save_observations(obs, path: Path) -> None:
+    """A batch (array or nested dict of arrays) as ``.npz``, keyed by the exported step's
+    input names (``obs``, ``obs.<key>``...)."""
+    def flat(value, name):
+        if isinstance(value, dict):
+            return {k: v for key, sub in value.items()
+                    for k, v in flat(sub, f"{name}.{key}").items()}
+        return {name: value}
+    np.savez(path, **flat(obs, "obs"))
+
+
+def measure(checkpoint: str, exported: str, runtime: str, observations: str,
             seconds: float) -> dict:
-    """One row, in this process (``--child``)."""
-    import numpy as np
-    import torch
-
-    torch.set_num_threads(1)
-    from trxl_rl import load_agent
-    from trxl_rl.agents.observations import obs_to_tensor
-    from trxl_rl.export import sample_observations
-
-    agent = load_agent(checkpoint)
-    obs = sample_observations(agent.observation_space, batch, np.random.default_rng(0))
+    """One row, in this process (``--child``). Only the ``load_agent`` and ``torchscript``
+    rows import torch; the ``onnx`` row runs what a deployment without torch would."""
+    arrays = dict(np.load(observations))
+    batch = len(next(iter(arrays.values())))
     if runtime == "load_agent":
-        obs_t = obs_to_tensor(obs, torch.device("cpu"))
+        import torch
+
+        torch.set_num_threads(1)
+        from trxl_rl import load_agent
+
+        agent = load_agent(checkpoint)
+        obs = torch.from_numpy(arrays["obs"]) if "obs" in arrays else {}
+        for name, value in arrays.items():
+            if name != "obs":  # obs.<key>.<key>: a (nested) Dict space
+                *keys, last = name.split(".")[1:]
+                node = obs
+                for key in keys:
+                    node = node.setdefault(key, {})
+                node[last] = torch.from_numpy(value)
         box = {"state": agent.initial_state(batch)}
         starts = torch.zeros(batch, dtype=torch.bool)
 
         def call():
-            box["state"] = agent.act(obs_t, box["state"], starts).state
+            box["state"] = agent.act(obs, box["state"], starts).state
     else:
+        if runtime == "torchscript":
+            import torch
+
+            torch.set_num_threads(1)
         sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
         import run_exported_policy as ex
 
         policy, spec = ex.load_policy(exported, threads=1)
         rng = np.random.default_rng(0)
-        inputs = ex.observation_inputs(spec, obs)
         box = {"memory": ex.initial_memory(spec, batch)}
         starts = np.zeros(batch, dtype=bool)
 
         def call():
-            outputs, box["memory"] = ex.step(policy, spec, inputs, box["memory"], starts)
+            outputs, box["memory"] = ex.step(policy, spec, arrays, box["memory"], starts)
             ex.sample_action(spec, outputs, rng)
     calls = time_calls(call, seconds)
     return {"calls_per_s": calls, "steps_per_s": calls * batch,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mib": peak_rss_mib(),
+            "torch_imported": "torch" in sys.modules}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,15 +147,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds per row")
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--json", type=Path, help="also write the rows here")
-    parser.add_argument("--child", nargs=4, metavar=("CKPT", "EXPORTED", "RUNTIME", "B"),
+    parser.add_argument("--child", nargs=4, metavar=("CKPT", "EXPORTED", "RUNTIME", "OBS"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        checkpoint, exported, runtime, batch = args.child
-        print(json.dumps(measure(checkpoint, exported, runtime, int(batch), args.seconds)))
+        print(json.dumps(measure(*args.child, args.seconds)))
         return 0
 
-    from trxl_rl.export import export_policy
+    from trxl_rl import load_agent
+    from trxl_rl.export import export_policy, sample_observations
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -133,14 +165,18 @@ def main(argv: list[str] | None = None) -> int:
                      "onnx": Path(tmp) / f"{model}.onnx"}
             for fmt, path in files.items():
                 export_policy(checkpoint, path, fmt)
+            space = load_agent(checkpoint).observation_space
             for batch in BATCHES:
+                observations = Path(tmp) / f"{model}-{batch}.npz"
+                save_observations(sample_observations(space, batch, np.random.default_rng(0)),
+                                  observations)
                 base = None
                 for runtime in RUNTIMES:
                     exported = str(files.get(runtime, "-"))
                     done = subprocess.run(
                         [sys.executable, "-m", "benchmarks.export_speed", "--seconds",
                          str(args.seconds), "--child", str(checkpoint), exported, runtime,
-                         str(batch)], capture_output=True, text=True, check=True)
+                         str(observations)], capture_output=True, text=True, check=True)
                     row = {"model": model, "B": batch, "runtime": runtime,
                            **json.loads(done.stdout.strip().splitlines()[-1])}
                     base = base or row["steps_per_s"]
