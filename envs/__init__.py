@@ -1,8 +1,9 @@
-"""Environments for trxl_rl: MiniGrid-Memory presets, CueRecall, POPGym (optional), vector
-envs."""
+"""Environments for trxl_rl: MiniGrid-Memory presets, CueRecall, POPGym and Memory Gym
+(optional), vector envs."""
 
 from .cue_recall import CUE_RECALL_ID, CueRecall, register_cue_recall
-from .make import ENV_ALIASES, UnknownEnvError, list_env_ids, make_env
+from .make import ENV_ALIASES, UnknownEnvError, episode_metric_names, list_env_ids, make_env
+from .memory_gym import MEMORY_GYM_IDS
 from .minigrid_memory import MEMORY_MAX_STEPS
 from .popgym import register_popgym
 from .replay import EpisodeReplay, ReplayError, restore_vector_env, vector_env_state
@@ -15,6 +16,7 @@ register_popgym()  # popgym/<ClassName>-v0 ids, where the optional popgym packag
 __all__ = [
     "CUE_RECALL_ID",
     "ENV_ALIASES",
+    "MEMORY_GYM_IDS",
     "MEMORY_MAX_STEPS",
     "CueRecall",
     "EpisodeReplay",
@@ -22,6 +24,7 @@ __all__ = [
     "ReplayError",
     "UnknownEnvError",
     "completed_episodes",
+    "episode_metric_names",
     "final_observations",
     "list_env_ids",
     "make_env",

@@ -9,6 +9,12 @@ import gymnasium as gym
 from gymnasium import spaces
 
 from .cue_recall import CUE_RECALL_ID
+from .memory_gym import (
+    EPISODE_METRICS,
+    MEMORY_GYM_IDS,
+    make_memory_gym,
+    memory_gym_id,
+)
 from .minigrid_memory import MEMORY_MAX_STEPS, make_minigrid_memory
 from .popgym import MazeSeed, is_maze, is_popgym_id, popgym_problem
 from .wrappers import (
@@ -33,10 +39,11 @@ class UnknownEnvError(ValueError):
 
 
 def list_env_ids() -> list[str]:
-    """All ids :func:`make_env` accepts: our short names and every gymnasium/minigrid id."""
+    """All ids :func:`make_env` accepts: our short names, every gymnasium/minigrid id and
+    Memory Gym's (installed or not)."""
     import minigrid  # noqa: F401  (registers the MiniGrid ids)
 
-    return sorted(ENV_ALIASES) + sorted(gym.registry)
+    return sorted(ENV_ALIASES) + sorted({*gym.registry, *MEMORY_GYM_IDS})
 
 
 def _unknown_env(env_id: str) -> UnknownEnvError:
@@ -61,6 +68,8 @@ def make_env(env_id: str, prev_action: bool | None = None, **kwargs: Any) -> gym
     - ``"popgym/<ClassName>-v0"``: POPGym's environments (optional extra,
       ``pip install -e ".[popgym]"``), kwargs those of the class; see
       :mod:`trxl_rl.envs.popgym`.
+    - Memory Gym's ids (``"MortarMayhem-Grid-v0"``, ... or ``"memory_gym:<id>"``), headless;
+      see :mod:`trxl_rl.envs.memory_gym` for the install command and what they report.
     - any other registered gymnasium id (``"module:Id"`` imports the module first):
       ``gymnasium.make(env_id, **kwargs)``.
 
@@ -86,7 +95,20 @@ def make_env(env_id: str, prev_action: bool | None = None, **kwargs: Any) -> gym
     return PreviousAction(env) if prev_action else env
 
 
+def episode_metric_names(env_id: str) -> tuple[str, ...]:
+    """What ``env_id``'s episodes report at their end besides return, length and success
+    (``completed_episodes`` gives them as ``metrics/<name>``; the trainer logs
+    ``charts/<name>``): Memory Gym's, see :data:`trxl_rl.envs.memory_gym.EPISODE_METRICS`."""
+    name = memory_gym_id(ENV_ALIASES.get(env_id, env_id))
+    return EPISODE_METRICS[name] if name else ()
+
+
 def _make(env_id: str, **kwargs: Any) -> gym.Env:
+    if memory_gym_id(env_id):
+        try:
+            return make_memory_gym(env_id, **kwargs)
+        except ImportError as err:
+            raise UnknownEnvError(str(err)) from None
     if env_id in MEMORY_MAX_STEPS:
         return make_minigrid_memory(env_id, **kwargs)
     if env_id == CUE_RECALL_ID:

@@ -89,7 +89,9 @@ def completed_episodes(infos: dict[str, Any]) -> dict[str, np.ndarray]:
 
     :return: ``{"env": int64 [k], "return": float64 [k], "length": int64 [k],
         "success": float64 [k]}`` for the ``k`` ended episodes ordered by env index;
-        ``success`` is 1.0/0.0, or nan where the env defines no success.
+        ``success`` is 1.0/0.0, or nan where the env defines no success; plus
+        ``"metrics/<name>": float64 [k]`` (nan where an episode lacks it) for every episode
+        metric an ended episode reports (:class:`~trxl_rl.envs.wrappers.RecordEpisodeMetrics`).
     """
     if "_episode" not in infos:
         empty = np.zeros(0)
@@ -105,12 +107,20 @@ def completed_episodes(infos: dict[str, Any]) -> dict[str, np.ndarray]:
     if "success" in final_info:
         has_success = final_info["_success"][env]
         success[has_success] = final_info["success"][env][has_success].astype(np.float64)
-    return {
+    out = {
         "env": env.astype(np.int64),
         "return": infos["episode"]["r"][env].astype(np.float64),
         "length": infos["episode"]["l"][env].astype(np.int64),
         "success": success,
     }
+    metrics = final_info.get("metrics", {})  # name: [n] with its mask "_name", as success
+    for name in metrics:
+        if not name.startswith("_"):
+            values = np.full(len(env), np.nan)
+            has = metrics[f"_{name}"][env]
+            values[has] = metrics[name][env][has].astype(np.float64)
+            out[f"metrics/{name}"] = values
+    return out
 
 
 def final_observations(

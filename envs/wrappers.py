@@ -40,6 +40,24 @@ class RecordSuccess(gym.Wrapper):
         return obs, reward, terminated, truncated, info
 
 
+class RecordEpisodeMetrics(gym.Wrapper):
+    """Put ``info["metrics"]`` (name -> float) into the info of an episode's final step: the
+    ``names`` of the env's own final info that say how the episode went besides its return
+    (e.g. Memory Gym's ``commands_completed``). A name the final info lacks is left out.
+    """
+
+    def __init__(self, env: gym.Env, names: tuple[str, ...]) -> None:
+        super().__init__(env)
+        self.names = names
+
+    def step(self, action: Any) -> tuple[Any, SupportsFloat, bool, bool, dict[str, Any]]:
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        if terminated or truncated:
+            metrics = {name: float(info[name]) for name in self.names if name in info}
+            info = {**info, "metrics": metrics}
+        return obs, reward, terminated, truncated, info
+
+
 class MovementActions(gym.ActionWrapper):
     """Restrict MiniGrid to ``Discrete(3)``: 0 = turn left, 1 = turn right, 2 = forward.
 

@@ -229,6 +229,9 @@ PRESETS = {
     "MiniGrid-MemoryS13Random": "minigrid_memory_s13random.yaml",
     "MiniGrid-MemoryS17Random": "minigrid_memory_s17random.yaml",
     "CueRecall": "cue_recall.yaml",
+    "MortarMayhem-Grid": "memory_gym_mortar_mayhem_grid.yaml",
+    "MysteryPath-Grid": "memory_gym_mystery_path_grid.yaml",
+    "Endless-MortarMayhem": "memory_gym_endless_mortar_mayhem.yaml",
 }
 # Environment ids that start from a preset when given to --env (their step budget and env).
 ENV_PRESETS = {
@@ -238,6 +241,8 @@ ENV_PRESETS = {
     "MiniGrid-MemoryS13-v0": "MiniGrid-MemoryS13",
     "MiniGrid-MemoryS13Random-v0": "MiniGrid-MemoryS13Random",
     "MiniGrid-MemoryS17Random-v0": "MiniGrid-MemoryS17Random",
+    **{f"{prefix}{name}-v0": name for prefix in ("", "memory_gym:")
+       for name in ("MortarMayhem-Grid", "MysteryPath-Grid", "Endless-MortarMayhem")},
 }
 
 

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from trxl_rl.agents.observations import obs_to_tensor
-from trxl_rl.envs import completed_episodes, make_vector_env
+from trxl_rl.envs import completed_episodes, episode_metric_names, make_vector_env
 
 EVAL_SEED_OFFSET = 1_000_000  # evaluation seeds = training seed + this (unused in training)
 VIDEO_SUFFIXES = (".gif", ".mp4")
@@ -44,7 +44,9 @@ def run_episodes(agent, env_id: str, env_kwargs: dict, episodes: int, seed: int,
     """Run exactly ``episodes`` episodes (split evenly over ``num_envs`` envs, so short
     episodes are not over-represented) with the agent's memory reset at every episode start.
 
-    :return: per-episode arrays ``return``, ``length``, ``success`` (nan where undefined).
+    :return: per-episode arrays ``return``, ``length``, ``success`` (nan where undefined)
+        and ``metrics/<name>`` for the env's episode metrics
+        (:func:`trxl_rl.envs.episode_metric_names`).
     """
     num_envs = max(1, min(num_envs, episodes))
     quota = np.full(num_envs, episodes // num_envs)
@@ -55,7 +57,9 @@ def run_episodes(agent, env_id: str, env_kwargs: dict, episodes: int, seed: int,
         state = agent.initial_state(num_envs, device=device, **_memory_option(memory_length))
         episode_start = torch.ones(num_envs, dtype=torch.bool, device=device)
         done_count = np.zeros(num_envs, dtype=int)
-        results: dict[str, list] = {"return": [], "length": [], "success": []}
+        results: dict[str, list] = {key: [] for key in (
+            "return", "length", "success",
+            *(f"metrics/{name}" for name in episode_metric_names(env_id)))}
         while (done_count < quota).any():
             out = agent.act(obs_to_tensor(obs, device), state, episode_start, deterministic)
             state = out.state
@@ -66,7 +70,7 @@ def run_episodes(agent, env_id: str, env_kwargs: dict, episodes: int, seed: int,
                 if done_count[env] < quota[env]:
                     done_count[env] += 1
                     for key in results:
-                        results[key].append(finished[key][i])
+                        results[key].append(finished[key][i] if key in finished else np.nan)
     finally:
         envs.close()
     return {key: np.asarray(values, dtype=np.float64) for key, values in results.items()}
@@ -89,7 +93,9 @@ def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, f
 
 
 def summarize(results: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Plain-data summary of :func:`run_episodes` output."""
+    """Plain-data summary of :func:`run_episodes` output: success rate with its 95% interval,
+    return and length, and each episode metric's mean (``<name>_mean``, over the episodes
+    that report it)."""
     n = len(results["return"])
     success = results["success"]
     defined = success[~np.isnan(success)]
@@ -104,6 +110,9 @@ def summarize(results: dict[str, np.ndarray]) -> dict[str, Any]:
         "return_median": float(np.median(results["return"])) if n else float("nan"),
         "length_mean": float(results["length"].mean()) if n else float("nan"),
         "length_median": float(np.median(results["length"])) if n else float("nan"),
+        **{f"{key.removeprefix('metrics/')}_mean": float(np.nanmean(values))
+           if (~np.isnan(values)).any() else float("nan")
+           for key, values in results.items() if key.startswith("metrics/")},
     }
 
 
@@ -280,6 +289,10 @@ def format_table(report: dict[str, Any]) -> str:
         ("length", f"mean {num(report['length_mean'], 1)}  "
                    f"median {num(report['length_median'], 1)}"),
     ]
+    metrics = [f"{key.removesuffix('_mean')} {num(value)}" for key, value in report.items()
+               if key.endswith("_mean") and key not in ("return_mean", "length_mean")]
+    if metrics:
+        rows.append(("episode means", ", ".join(metrics)))
     return "\n".join(f"{name:<14}{value}" for name, value in rows)
 
 

@@ -87,17 +87,25 @@ from trxl_rl.rollout import Rollout
 
 
 class EpisodeLog:
-    """The episodes completed since the last :meth:`flush`."""
+    """The episodes completed since the last :meth:`flush`: returns, lengths, successes and
+    the env's episode ``metrics`` (:func:`trxl_rl.envs.episode_metric_names`), each of the
+    last two over the episodes that define it."""
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: tuple[str, ...] = ()) -> None:
+        self.metrics = metrics
+        self._clear()
+
+    def _clear(self) -> None:
         self.returns: list[float] = []
         self.lengths: list[float] = []
-        self.successes: list[float] = []
+        self.defined: dict[str, list[float]] = {name: [] for name in ("success", *self.metrics)}
 
     def add(self, finished: dict[str, np.ndarray]) -> None:
         self.returns += finished["return"].tolist()
         self.lengths += finished["length"].tolist()
-        self.successes += [s for s in finished["success"].tolist() if not np.isnan(s)]
+        for name, values in self.defined.items():
+            column = finished.get("success" if name == "success" else f"metrics/{name}", ())
+            values += [v for v in np.asarray(column, dtype=float).tolist() if not np.isnan(v)]
 
     def flush(self) -> dict[str, float]:
         """Sums and counts of the episodes (``episodes/*``; summed over ranks, they are those
@@ -105,23 +113,28 @@ class EpisodeLog:
         logged means."""
         out = {"episodes/count": float(len(self.returns)),
                "episodes/return_sum": float(np.sum(self.returns)),
-               "episodes/length_sum": float(np.sum(self.lengths)),
-               "episodes/success_count": float(len(self.successes)),
-               "episodes/success_sum": float(np.sum(self.successes))}
-        self.__init__()
+               "episodes/length_sum": float(np.sum(self.lengths))}
+        for name, values in self.defined.items():
+            out[f"episodes/{name}_count"] = float(len(values))
+            out[f"episodes/{name}_sum"] = float(np.sum(values))
+        self._clear()
         return out
 
 
 def episode_means(totals: dict[str, float]) -> dict[str, float]:
-    """``charts/episodic_return``, ``charts/episodic_length`` and ``charts/success_rate`` (the
-    means over the episodes counted in ``totals``; absent where there are none)."""
+    """``charts/episodic_return``, ``charts/episodic_length``, ``charts/success_rate`` and
+    ``charts/<metric>`` for each episode metric (the means over the episodes counted in
+    ``totals``; absent where there are none)."""
     out = {}
     if totals["episodes/count"]:
         out["charts/episodic_return"] = totals["episodes/return_sum"] / totals["episodes/count"]
         out["charts/episodic_length"] = totals["episodes/length_sum"] / totals["episodes/count"]
-    if totals["episodes/success_count"]:
-        out["charts/success_rate"] = (totals["episodes/success_sum"]
-                                      / totals["episodes/success_count"])
+    names = sorted(key.removeprefix("episodes/").removesuffix("_count") for key in totals
+                   if key.endswith("_count") and key != "episodes/count")
+    for name in names:
+        if totals[f"episodes/{name}_count"]:
+            chart = "charts/success_rate" if name == "success" else f"charts/{name}"
+            out[chart] = totals[f"episodes/{name}_sum"] / totals[f"episodes/{name}_count"]
     return out
 
 
@@ -257,7 +270,7 @@ def train(cfg: TrainConfig, on_update: Callable[[int, dict[str, float]], None] |
     :raises RankLost: another rank died or stopped answering.
     """
     from trxl_rl.agents import action_dtype, action_shape, build_agent
-    from trxl_rl.envs import make_vector_env
+    from trxl_rl.envs import episode_metric_names, make_vector_env
 
     ranks = ranks or Ranks()
     device = ranks.device(resolve_device(cfg.device))
@@ -294,7 +307,7 @@ def train(cfg: TrainConfig, on_update: Callable[[int, dict[str, float]], None] |
                       agent.memory, device)
     steps_per_update = ranks.world_size * b * t_steps  # all ranks' steps
     num_updates = max(1, cfg.total_steps // steps_per_update)  # whole rollouts within budget
-    episodes = EpisodeLog()
+    episodes = EpisodeLog(episode_metric_names(cfg.env.id))
 
     def checkpoint(update: int) -> None:
         mine = training_state(envs, obs, agent.memory, state, episode_start, shuffle)
