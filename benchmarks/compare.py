@@ -33,6 +33,7 @@ Suite file (unknown keys are errors)::
     backbones: [trxl, gru, lstm, none]    # --gtrxl adds gtrxl
     seeds: [1, 2, 3]
     defaults: {eval_episodes: 100}         # trainer overrides for every run
+    reference_column: POPGym paper, GRU MMER   # optional: what tasks' references are (default)
     tasks:
       CueRecall-16:                        # letters, digits, '.', '-', '_' (no '__')
         env: CueRecall                     # the trainer's --env: a preset or an env id
@@ -42,7 +43,7 @@ Suite file (unknown keys are errors)::
         threshold: 0.9                     # for "steps to threshold" (training curve)
         tests: what the task tests         # one line, for the README
         overrides: {env.kwargs.delay: 16, model.trxl.memory_length: 128}
-        reference: {value: 0.5, source: "..."}      # optional: a published GRU MMER
+        reference: {value: 0.5, source: "..."}      # optional: a published figure
 
 Overrides are the trainer's dotted ``--KEY VALUE`` options. Keys of a backbone's section
 (``model.trxl.*`` for trxl and gtrxl, ``model.gru.*``, ``model.lstm.*``) go only to the runs
@@ -111,6 +112,7 @@ class Suite:
     tasks: dict[str, Task]
     defaults: dict = dataclasses.field(default_factory=dict)
     forced: dict = dataclasses.field(default_factory=dict)  # --set: after the tasks' options
+    reference_column: str = "POPGym paper, GRU MMER"  # what the tasks' references are
 
 
 def _keys(where: str, data: Any, required: set[str], optional: set[str]) -> dict:
@@ -154,7 +156,8 @@ def load_suite(path: str | Path) -> Suite:
         reason = str(err).splitlines()[0]
         raise SuiteError(f"suite file {str(path)!r} is not valid YAML: {reason}") from None
     where = f"suite file {str(path)!r}"
-    data = _keys(where, data, {"tasks", "backbones", "seeds"}, {"name", "defaults"})
+    data = _keys(where, data, {"tasks", "backbones", "seeds"},
+                 {"name", "defaults", "reference_column"})
     backbones = data["backbones"]
     if not isinstance(backbones, list) or not backbones:
         raise SuiteError(f"{where}: backbones must be a non-empty list")
@@ -197,7 +200,9 @@ def load_suite(path: str | Path) -> Suite:
             reference=reference)
     return Suite(name=str(data.get("name") or path.stem), path=path, backbones=list(backbones),
                  seeds=list(seeds), tasks=tasks,
-                 defaults=_overrides(f"{where}: defaults", data.get("defaults")))
+                 defaults=_overrides(f"{where}: defaults", data.get("defaults")),
+                 reference_column=str(data.get("reference_column")
+                                      or Suite.reference_column))
 
 
 def preset_budget(where: str, env: str) -> int:
@@ -663,7 +668,7 @@ def markdown_table(rows: list[dict], suite: Suite) -> str:
     header = ["task", "backbone", "seeds", "final greedy (95% CI)", "MMER",
               "steps to threshold (seeds)", "steps/s", "wall-clock / run"]
     if references:
-        header.append("POPGym paper, GRU MMER")
+        header.append(suite.reference_column)
     lines = ["| " + " | ".join(header) + " |",
              "|" + "|".join("---" if i < 2 else "--:" for i in range(len(header))) + "|"]
     for row in rows:
@@ -700,7 +705,7 @@ def markdown_table(rows: list[dict], suite: Suite) -> str:
                            if t.name in {row["task"] for row in rows})
     notes.append(f"- thresholds: {thresholds}.")
     for name, ref in references.items():
-        notes.append(f"- POPGym paper column, {name}: {ref['source']}")
+        notes.append(f"- {suite.reference_column}, {name}: {ref['source']}")
     mismatched = [row["task"] for row in rows if row["budgets_run"] != [row["budget"]]]
     if mismatched:
         notes.append(f"- runs of {', '.join(sorted(set(mismatched)))} were trained with "

@@ -136,6 +136,19 @@ def test_table_aggregates_seeds_mmer_and_steps_to_threshold(tmp_path):
     assert "| 0.50 | 0.50 | - (0/1) |" in table
 
 
+def test_published_figures_stand_beside_ours_under_the_suites_own_column_name(tmp_path):
+    cue = {**TINY_SUITE["tasks"]["cue"], "budget": 1000,
+           "reference": {"value": 0.99, "source": "CleanRL docs, 100M steps"}}
+    suite = load_suite(write_suite(tmp_path, {**TINY_SUITE, "tasks": {"cue": cue},
+                                              "reference_column": "CleanRL PPO-TrXL"}))
+    table = markdown_table(aggregate([fake_result("cue", "trxl", 1, 1.0, 0.9, 400)], suite),
+                           suite)
+    assert "| CleanRL PPO-TrXL |" in table.splitlines()[0] and "| 0.990 |" in table
+    assert "- CleanRL PPO-TrXL, cue: CleanRL docs, 100M steps" in table
+    assert load_suite(write_suite(tmp_path, TINY_SUITE)).reference_column == \
+        "POPGym paper, GRU MMER"
+
+
 def test_backbone_sections_reach_only_the_runs_of_their_backbone(tmp_path):
     suite = load_suite(write_suite(tmp_path, TINY_SUITE))
     task = suite.tasks["cue"]
