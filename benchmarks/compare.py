@@ -261,7 +261,8 @@ def train_command(run: Run, suite: Suite, runs_dir: Path, device: str) -> list[s
     """The trainer command line of a fresh run."""
     cmd = [sys.executable, "-m", "trxl_rl.train", "--env", run.task.env,
            "--seed", str(run.seed), "--total-steps", str(run.task.budget),
-           "--run-name", run.name, "--log_dir", str(runs_dir), "--model.backbone", run.backbone]
+           "--run-name", run.name, "--log_dir", str(runs_dir), "--model.backbone", run.backbone,
+           "--threshold", str(run.task.threshold), "--threshold_metric", run.task.metric]
     for key, value in run_overrides(suite, run.task, run.backbone).items():
         cmd += [f"--{key}", _cli_value(value)]
     return cmd + common_options(device)
@@ -378,6 +379,15 @@ def steps_to_threshold(steps: np.ndarray, values: np.ndarray, threshold: float) 
     return int(steps[hits[0]]) if len(hits) else None
 
 
+def seconds_to_step(step: int | None, seconds: tuple[np.ndarray, np.ndarray]) -> float | None:
+    """The training seconds (``seconds``: steps and per-update seconds) summed over the
+    updates up to and including ``step``; None for None."""
+    if step is None:
+        return None
+    steps, per_update = seconds
+    return float(per_update[np.asarray(steps) <= step].sum())
+
+
 # --- one run's result ------------------------------------------------------------------------
 
 def _finite(x: Any) -> float | None:
@@ -409,6 +419,7 @@ def run_result(run: Run, run_dir: Path, overrides: dict) -> dict[str, Any]:
     train_seconds = float(rollout_s[1].sum() + update_s[1].sum())
     steps_done = int(summary["global_step"])
     metric_curve = success if run.task.metric == "success" else returns
+    reached = steps_to_threshold(*metric_curve, run.task.threshold)
     return {
         "task": run.task.name, "backbone": run.backbone, "seed": run.seed, "run": run.name,
         "env": config["env"]["id"], "metric": run.task.metric,
@@ -425,7 +436,9 @@ def run_result(run: Run, run_dir: Path, overrides: dict) -> dict[str, Any]:
             "return": _finite(summary.get("return_mean")),
         },
         "mmer": mmer(returns[1]),
-        "steps_to_threshold": steps_to_threshold(*metric_curve, run.task.threshold),
+        "steps_to_threshold": reached,
+        "seconds_to_threshold": seconds_to_step(reached, (rollout_s[0],
+                                                          rollout_s[1] + update_s[1])),
         "sps": steps_done / train_seconds if train_seconds > 0 else None,
         "curve": merged_curve({"success": success, "return": returns}),
     }
@@ -624,6 +637,8 @@ def aggregate_group(task: Task, backbone: str, group: list[dict]) -> dict:
     if task.metric == "success" and low is not None:  # a rate's interval stays in [0, 1]
         low, high = max(0.0, low), min(1.0, high)
     reached = [r["steps_to_threshold"] for r in group if r["steps_to_threshold"] is not None]
+    seconds = [r["seconds_to_threshold"] for r in group
+               if r.get("seconds_to_threshold") is not None]
     mmers = [r["mmer"] for r in group if r["mmer"] is not None]
     sps = [r["sps"] for r in group if r["sps"] is not None]
     wall = [r["wall_clock_seconds"] for r in group if r["wall_clock_seconds"] is not None]
@@ -637,6 +652,7 @@ def aggregate_group(task: Task, backbone: str, group: list[dict]) -> dict:
         "mmer": float(np.mean(mmers)) if mmers else None,
         "steps_to_threshold": float(np.mean(reached)) if reached else None,
         "reached_threshold": len(reached),
+        "seconds_to_threshold": float(np.mean(seconds)) if seconds else None,
         "sps": float(np.mean(sps)) if sps else None,
         "wall_clock_seconds": float(np.mean(wall)) if wall else None,
         "reference": task.reference,
@@ -666,7 +682,7 @@ def markdown_table(rows: list[dict], suite: Suite) -> str:
     """The table: per task and backbone, over seeds."""
     references = {row["task"]: row["reference"] for row in rows if row["reference"]}
     header = ["task", "backbone", "seeds", "final greedy (95% CI)", "MMER",
-              "steps to threshold (seeds)", "steps/s", "wall-clock / run"]
+              "steps to threshold (seeds)", "time to threshold", "steps/s", "wall-clock / run"]
     if references:
         header.append(suite.reference_column)
     lines = ["| " + " | ".join(header) + " |",
@@ -681,6 +697,7 @@ def markdown_table(rows: list[dict], suite: Suite) -> str:
                   f"{len(row['seeds'])})"
         cells = [f"{row['task']} ({task.metric}, {_steps(task.budget)})", row["backbone"],
                  str(len(row["seeds"])), final, _num(row["mmer"]), reached,
+                 _duration(row.get("seconds_to_threshold")),
                  f"{row['sps']:,.0f}" if row["sps"] else "-",
                  _duration(row["wall_clock_seconds"])]
         if references:
@@ -697,7 +714,8 @@ def markdown_table(rows: list[dict], suite: Suite) -> str:
         "(`charts/episodic_return`), averaged over runs.",
         "- steps to threshold: the first environment step at which the training success rate "
         "(return for tasks without success) of an update reached the task's threshold; the mean "
-        "over the seeds that reached it, and how many did.",
+        "over the seeds that reached it, and how many did; time to threshold: the training "
+        "seconds (rollout + update of one thread) up to that update, mean over the same seeds.",
         "- steps/s: environment steps per second of training (rollout + update, one thread "
         "per run); wall-clock / run includes start-up and the final evaluation.",
     ]

@@ -19,6 +19,7 @@ from benchmarks.compare import (
     mean_interval,
     mmer,
     run_overrides,
+    seconds_to_step,
     steps_to_threshold,
     t_quantile_975,
     train_command,
@@ -134,6 +135,21 @@ def test_table_aggregates_seeds_mmer_and_steps_to_threshold(tmp_path):
     table = markdown_table([trxl, none], suite)
     assert "| 0.97 [0.82, 1.00] | 0.90 | 500 (2/3) |" in table
     assert "| 0.50 | 0.50 | - (0/1) |" in table
+
+
+def test_time_to_threshold_sums_the_training_seconds_up_to_that_update(tmp_path):
+    steps, seconds = np.array([4096, 8192, 12288]), np.array([2.0, 3.0, 4.0])
+    assert seconds_to_step(8192, (steps, seconds)) == 5.0
+    assert seconds_to_step(None, (steps, seconds)) is None
+    suite = load_suite(write_suite(tmp_path, {**TINY_SUITE, "tasks": {"cue": {
+        **TINY_SUITE["tasks"]["cue"], "budget": 1000}}}))
+    results = [{**fake_result("cue", "trxl", seed, 1.0, 0.9, 400),
+                "seconds_to_threshold": seconds} for seed, seconds in ((1, 60.0), (2, 180.0))]
+    row, = aggregate(results, suite)
+    assert row["seconds_to_threshold"] == 120.0
+    assert "| 400 (2/2) | 2.0 min |" in markdown_table([row], suite)
+    command = train_command(Run(suite.tasks["cue"], "trxl", 1), suite, tmp_path, "cpu")
+    assert " ".join(command).count("--threshold 0.9 --threshold_metric success") == 1
 
 
 def test_published_figures_stand_beside_ours_under_the_suites_own_column_name(tmp_path):

@@ -376,3 +376,34 @@ def test_presets_ship_inside_the_package():
     path = preset_path("MiniGrid-Memory")
     assert Path(path).is_file()
     assert read_yaml(path)["env"]["id"] == "MiniGrid-MemoryS9-v0"
+
+
+def test_time_to_threshold_is_logged_kept_in_the_summary_and_survives_a_resume(tmp_path):
+    """Success >= 0 holds at the first update that ends an episode: that update's steps and
+    seconds are the threshold's, in TensorBoard and summary.json, and a resumed run keeps
+    them; a threshold never reached is None."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from trxl_rl.checkpoint import load_checkpoint
+    from trxl_rl.resume import resume_config
+
+    cfg = small_config(log_dir=str(tmp_path), run_name="t", threshold=0.0, checkpoint_every=1)
+    summary = train(cfg)
+    events = EventAccumulator(str(tmp_path / "t"))
+    events.Reload()
+    first = events.Scalars("charts/success_rate")[0].step
+    assert [s.step for s in events.Scalars("threshold/steps")] == [first]
+    assert events.Scalars("threshold/steps")[0].value == first
+    seconds = events.Scalars("threshold/seconds")[0].value
+    assert summary["threshold"] == {"metric": "success", "value": 0.0, "steps": first,
+                                    "seconds": pytest.approx(seconds)}
+    assert json.loads((tmp_path / "t" / "summary.json").read_text())["threshold"]["steps"] \
+        == first
+    checkpoint = load_checkpoint(tmp_path / "t", resume=True)
+    assert checkpoint["timing"]["threshold"]["steps"] == first
+    assert checkpoint["timing"]["train_seconds"] >= seconds
+    resumed = train(resume_config(checkpoint, {"total_steps": 96}), resume=checkpoint)
+    assert resumed["global_step"] == 96 and resumed["threshold"]["steps"] == first
+    assert resumed["threshold"]["seconds"] == pytest.approx(seconds)
+    never = train(small_config(log_dir=str(tmp_path), run_name="never", threshold=1.5))
+    assert never["threshold"]["steps"] is None and never["threshold"]["seconds"] is None

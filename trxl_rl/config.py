@@ -144,6 +144,10 @@ class TrainConfig:
         directory (CleanRL's ``--track``; needs the ``wandb`` extra; rank 0 only).
     :param wandb_project_name: the W&B project of the run; ``wandb_entity``: its team or user
         (None: W&B's default entity).
+    :param threshold: when training first reaches it (``threshold_metric``: the training
+        ``success`` rate of an update, or its mean episodic ``return``), the steps and
+        training seconds so far are logged (``threshold/steps``, ``threshold/seconds``) and
+        kept in ``summary.json`` (None: not watched).
     """
 
     env: EnvConfig = field(default_factory=EnvConfig)
@@ -162,6 +166,8 @@ class TrainConfig:
     track: bool = False
     wandb_project_name: str = "trxl_rl"
     wandb_entity: str | None = None
+    threshold: float | None = 0.9
+    threshold_metric: str = "success"
 
     def validate(self) -> TrainConfig:
         """Check the values that types cannot; raise :class:`ConfigError`."""
@@ -191,6 +197,7 @@ class TrainConfig:
         choices = {
             "device": (self.device, ("auto", "cpu", "cuda")),
             "env.vectorization": (self.env.vectorization, ("sync", "async")),
+            "threshold_metric": (self.threshold_metric, ("success", "return")),
         }
         for name, (value, allowed) in choices.items():
             if value not in allowed:

@@ -164,3 +164,39 @@ class ProgressBar:
 
     def close(self) -> None:
         self.bar.close()
+
+
+class Threshold:
+    """When training first reaches ``value``: the first update whose training success rate
+    (``metric="success"``, ``charts/success_rate``) or mean episodic return (``"return"``,
+    ``charts/episodic_return``) is at least ``value``, with the environment steps and the
+    training seconds (start-up and final evaluation left out) up to the end of that update.
+
+    :param reached: what an earlier sitting of a resumed run found (:meth:`state`).
+    """
+
+    CHARTS = {"success": "charts/success_rate", "return": "charts/episodic_return"}
+
+    def __init__(self, metric: str, value: float | None, reached: dict | None = None) -> None:
+        self.metric, self.value = metric, value
+        reached = reached or {}
+        self.steps: int | None = reached.get("steps")
+        self.seconds: float | None = reached.get("seconds")
+
+    def check(self, scalars: Mapping[str, float], step: int, seconds: float
+              ) -> dict[str, float]:
+        """The scalars to log with this update's (``threshold/steps``,
+        ``threshold/seconds``) if it is the first to reach the threshold; else none."""
+        if self.value is None or self.steps is not None:
+            return {}
+        score = scalars.get(self.CHARTS[self.metric])
+        if score is None or score < self.value:
+            return {}
+        self.steps, self.seconds = step, seconds
+        return {"threshold/steps": float(step), "threshold/seconds": seconds}
+
+    def state(self) -> dict[str, Any]:
+        """Plain data for ``summary.json`` and checkpoints: metric, value, steps and seconds
+        (None until reached)."""
+        return {"metric": self.metric, "value": self.value, "steps": self.steps,
+                "seconds": self.seconds}

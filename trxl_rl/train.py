@@ -71,7 +71,14 @@ from trxl_rl.config import (
 )
 from trxl_rl.distributed import RankLost, Ranks, launch_command, weights_digest
 from trxl_rl.memory import TrXLConfig
-from trxl_rl.metrics import Metrics, ProgressBar, TensorBoard, WandbRun, check_wandb
+from trxl_rl.metrics import (
+    Metrics,
+    ProgressBar,
+    TensorBoard,
+    Threshold,
+    WandbRun,
+    check_wandb,
+)
 from trxl_rl.ppo import linear_schedule, ppo_update
 from trxl_rl.resume import (
     StopOnSignal,
@@ -301,6 +308,10 @@ def train(cfg: TrainConfig, on_update: Callable[[int, dict[str, float]], None] |
         global_step = resume["counters"]["global_step"]
     else:
         ranks.broadcast_parameters(agent)
+    # Wall-clock is not part of the exact training state: it is kept apart (``timing``).
+    timing = (resume or {}).get("timing", {})
+    seconds_before = timing.get("train_seconds", 0.0)
+    threshold = Threshold(cfg.threshold_metric, cfg.threshold, timing.get("threshold"))
 
     run_dir = start_run_dir(cfg, resume, ranks)
     rollout = Rollout(t_steps, b, obs_space, action_shape(act_space), action_dtype(act_space),
@@ -324,6 +335,7 @@ def train(cfg: TrainConfig, on_update: Callable[[int, dict[str, float]], None] |
             "spaces": {"observation": space_to_dict(obs_space),
                        "action": space_to_dict(act_space)},
             "counters": {"global_step": global_step, "update": update},
+            "timing": {"train_seconds": train_seconds(), "threshold": threshold.state()},
             **states[0], "world_size": ranks.world_size, "other_ranks": states[1:],
         })
 
@@ -331,6 +343,10 @@ def train(cfg: TrainConfig, on_update: Callable[[int, dict[str, float]], None] |
                       initial=global_step) as metrics:
         # SPS and train_seconds leave out starting the sinks (W&B: seconds)
         start_step, start_time = global_step, time.perf_counter()
+
+        def train_seconds() -> float:  # of every sitting of this run
+            return seconds_before + time.perf_counter() - start_time
+
         stop = StopOnSignal(announce=ranks.main).install()
         try:
             for update in range(first_update, num_updates + 1):
@@ -348,6 +364,7 @@ def train(cfg: TrainConfig, on_update: Callable[[int, dict[str, float]], None] |
                                        / (time.perf_counter() - start_time))
                 stats["charts/learning_rate"] = lr
                 stats["charts/entropy_coef"] = entropy_coef
+                stats.update(threshold.check(stats, global_step, train_seconds()))
                 metrics.record(stats, global_step)
                 if on_update is not None:
                     on_update(update, stats)
@@ -364,7 +381,8 @@ def train(cfg: TrainConfig, on_update: Callable[[int, dict[str, float]], None] |
             envs.close()
 
         summary: dict[str, Any] = {"global_step": global_step,
-                                   "train_seconds": time.perf_counter() - start_time}
+                                   "train_seconds": time.perf_counter() - start_time,
+                                   "threshold": threshold.state()}
         if not ranks.main:
             return summary
         if cfg.eval_episodes > 0:
