@@ -8,11 +8,11 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from trxl_rl.config import build_config
 from trxl_rl.envs import (
     MEMORY_GYM_IDS,
     UnknownEnvError,
@@ -25,20 +25,11 @@ from trxl_rl.envs.memory_gym import EPISODE_METRICS, INSTALL
 from trxl_rl.evaluate import main as evaluate
 from trxl_rl.train import main, parse_args, resolve_config, train
 
+sys.path.insert(0, str(Path(__file__).parent))
+from test_popgym import one_update_failures, tiny_config  # noqa: E402
+
 HAS_MEMORY_GYM = importlib.util.find_spec("memory_gym") is not None
 needs_memory_gym = pytest.mark.skipif(not HAS_MEMORY_GYM, reason=f"needs Memory Gym: {INSTALL}")
-
-
-def tiny_config(env_id, log_dir, **overrides):
-    """One update of 2 envs x 8 steps with a small CNN and Transformer-XL."""
-    return build_config({
-        "env": {"id": env_id, "num_envs": 2},
-        "model": {"encoder_dim": 16,
-                  "trxl": {"dim": 16, "num_layers": 1, "num_heads": 1, "memory_length": 4}},
-        "ppo": {"rollout_steps": 8, "segment_length": 8, "minibatches": 1, "epochs": 1},
-        "total_steps": 16, "eval_episodes": 0, "progress": False, "log_dir": str(log_dir),
-        "checkpoint_every": 1000, "threads": 1,
-    }, overrides)
 
 
 def test_all_ten_ids_are_known_with_what_their_episodes_report():
@@ -66,15 +57,9 @@ def test_every_memory_gym_env_builds_steps_and_runs_one_ppo_update(tmp_path):
                 obs, _ = env.reset()
         assert np.array_equal(kept, first), f"{env_id}: a kept observation changed"
         env.close()
-        stats = []
-        try:
-            train(tiny_config(env_id, tmp_path),
-                  on_update=lambda update, s, stats=stats: stats.append(s))
-        except Exception as err:  # collect all failures, report them together
-            failures[env_id] = f"{type(err).__name__}: {err}"
-            continue
-        if len(stats) != 1 or not stats[0]["losses/first_minibatch_approx_kl"] < 1e-6:
-            failures[env_id] = f"stats {stats}"
+        failure = one_update_failures(env_id, tmp_path)
+        if failure is not None:
+            failures[env_id] = failure
     assert not failures, failures
 
 

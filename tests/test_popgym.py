@@ -187,7 +187,8 @@ def test_popgym_observations_and_actions_are_adapted(popgym_ids):
 
 # --- every env: build, step, one PPO update ------------------------------------------------
 
-def tiny_config(env_id, log_dir):
+def tiny_config(env_id, log_dir, **overrides):
+    """One update of 2 envs x 8 steps with a small encoder and Transformer-XL."""
     return build_config({
         "env": {"id": env_id, "num_envs": 2},
         "model": {"encoder_dim": 16,
@@ -195,7 +196,20 @@ def tiny_config(env_id, log_dir):
         "ppo": {"rollout_steps": 8, "segment_length": 8, "minibatches": 1, "epochs": 1},
         "total_steps": 16, "eval_episodes": 0, "progress": False, "log_dir": str(log_dir),
         "checkpoint_every": 1000, "threads": 1,
-    })
+    }, overrides)
+
+
+def one_update_failures(env_id, log_dir) -> str | None:
+    """What went wrong in one PPO update of ``env_id`` (:func:`tiny_config`), or None when it
+    ran and its first minibatch reproduced the rollout."""
+    stats = []
+    try:
+        train(tiny_config(env_id, log_dir), on_update=lambda update, s: stats.append(s))
+    except Exception as err:  # the caller collects all failures and reports them together
+        return f"{type(err).__name__}: {err}"
+    if len(stats) != 1 or not stats[0]["losses/first_minibatch_approx_kl"] < 1e-6:
+        return f"stats {stats}"
+    return None
 
 
 def test_every_popgym_env_builds_steps_and_runs_one_ppo_update(popgym_ids, tmp_path):
@@ -212,13 +226,7 @@ def test_every_popgym_env_builds_steps_and_runs_one_ppo_update(popgym_ids, tmp_p
             assert -1.0 <= float(reward) <= 1.0, env_id
             if terminated or truncated:
                 obs, _ = env.reset()
-        stats = []
-        try:
-            train(tiny_config(env_id, tmp_path),
-                  on_update=lambda update, s, stats=stats: stats.append(s))
-        except Exception as err:  # collect all failures, report them together
-            failures[env_id] = f"{type(err).__name__}: {err}"
-            continue
-        if len(stats) != 1 or not stats[0]["losses/first_minibatch_approx_kl"] < 1e-6:
-            failures[env_id] = f"stats {stats}"
+        failure = one_update_failures(env_id, tmp_path)
+        if failure is not None:
+            failures[env_id] = failure
     assert not failures, failures
