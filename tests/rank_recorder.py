@@ -42,7 +42,7 @@ def main() -> int:
 
     def recording_flush(self):
         episodes.append({"returns": list(self.returns), "lengths": list(self.lengths),
-                         "successes": list(self.successes)})
+                         "successes": list(self.defined["success"])})
         return flush(self)
 
     train = trainer.train

@@ -264,8 +264,9 @@ def test_resumed_two_rank_run_equals_the_uninterrupted_run_bit_for_bit(two_ranks
             [u["stats"]["losses/policy_loss"] for u in reference[rank]["updates"][1:]]
     a = load_checkpoint(two_ranks.run, resume=True)
     b = load_checkpoint(tmp_path / "runs" / "b", resume=True)
-    for key in a.keys() - {"config", "path"}:
+    for key in a.keys() - {"config", "path", "timing"}:  # timing: wall-clock seconds
         checkpoint_keys_equal(a[key], b[key], key)
+    assert a["timing"]["threshold"]["steps"] == b["timing"]["threshold"]["steps"]
 
 
 @pytest.mark.distributed

@@ -37,6 +37,9 @@ CASES = {
        for backbone in ("trxl", "gtrxl", "gru", "lstm", "none")},
     # a Transformer-XL trained with M = 4, exported to run with M = 9
     "trxl-longer-memory": (MINIGRID, 9, BOTH),
+    # absolute positions: the step's index in its episode is part of the memory
+    "trxl-absolute": ({**MINIGRID, "model.trxl.positional_encoding": "absolute"}, None,
+                      ("onnx",)),
     # images (uint8 84x84x3, the Nature CNN)
     "image": ({"env.kwargs": {"max_steps": 40, "obs": "rgb"}}, None, ("torchscript",)),
     # vectors (Box(3,) float32)

@@ -203,8 +203,9 @@ class PolicyStep(nn.Module):
     def example_inputs(self, batch: int, seed: int = 0, episode_start: bool = True
                        ) -> tuple[Tensor, ...]:
         """Random observations, the initial memory and ``episode_start`` for ``batch`` rows."""
-        obs = obs_to_tensor(sample_observations(self.agent.observation_space, batch,
-                                        np.random.default_rng(seed)), torch.device("cpu"))
+        sampled = sample_observations(self.agent.observation_space, batch,
+                                      np.random.default_rng(seed))
+        obs = obs_to_tensor(sampled, torch.device("cpu"))
         flat = []
         for path in self.obs_paths:
             node = obs
