@@ -132,6 +132,28 @@ class MemoryAgent(nn.Module):
         log_prob = dist.log_prob(actions.flatten(0, 1))
         return EvalOutput(log_prob.view(c, n), dist.entropy().view(c, n), value.view(c, n))
 
+    @torch.no_grad()
+    def memory_diagnostics(self, obs: Obs, state: Any, episode_start: Tensor
+                           ) -> dict[str, float]:
+        """:meth:`trxl_rl.memory.MemoryBackbone.diagnostics` of segments ``[C, N, ...]`` (the
+        arguments of :meth:`evaluate` without the actions)."""
+        flat, (c, n) = _flatten_obs(obs, 2)
+        x = self.encoder(flat).unflatten(0, (c, n))  # [C, N, E]
+        return self.memory.diagnostics(x, state, episode_start)
+
+    def gradient_norms(self) -> dict[str, Tensor]:
+        """The gradient's L2 norm per part of the agent: ``encoder`` (and the image
+        ``decoder`` if any), ``memory``, ``heads`` (policy and value); 0-dim tensors."""
+        parts = {"encoder": [self.encoder, self.decoder], "memory": [self.memory],
+                 "heads": [self.policy_body, self.action_head, self.value_head]}
+        out = {}
+        for name, modules in parts.items():
+            grads = [p.grad for m in modules if m is not None for p in m.parameters()
+                     if p.grad is not None]
+            out[name] = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) \
+                if grads else torch.zeros(())
+        return out
+
     def reconstruction_loss(self, obs: Tensor) -> Tensor:
         """Auxiliary loss: mean squared error of each *distinct* image of ``obs``
         ``[..., H, W, C]`` (uint8) decoded from its encoder features, pixels in [0, 1].

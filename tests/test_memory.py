@@ -5,6 +5,7 @@ import subprocess
 import sys
 import zlib
 
+import numpy as np
 import pytest
 import torch
 
@@ -399,3 +400,23 @@ def test_attention_weights_follow_the_transformer_xl_formula():
         expected = expected.masked_fill(~visible, float("-inf")).softmax(-1)
     assert u.abs().min() > 0 and v.abs().min() > 0
     torch.testing.assert_close(weights, expected)
+
+
+def test_attention_diagnostics_measure_the_entropy_over_the_visible_window():
+    """Zero queries score every visible key alike: token t of a fresh episode sees
+    min(t + 1, M + 1) keys, so the mean entropy is the mean of their logs; with M = 0 every
+    token sees only itself (entropy 0)."""
+    torch.manual_seed(0)
+    for m in (0, 3):
+        trxl = TransformerXL(TrXLConfig(input_dim=5, dim=8, num_layers=2, num_heads=2,
+                                        memory_length=m))
+        for layer in trxl.layers:
+            torch.nn.init.zeros_(layer.query.weight)
+            torch.nn.init.zeros_(layer.query.bias)
+        starts = torch.zeros(2, 6, dtype=torch.bool)
+        starts[:, 0] = True
+        stats = trxl.diagnostics(torch.randn(2, 6, 5), trxl.initial_state(2), starts)
+        expected = np.mean([np.log(min(t + 1, m + 1)) for t in range(6)])
+        for i in (0, 1):
+            assert stats[f"attention_entropy_layer{i}"] == pytest.approx(expected, abs=1e-5)
+            assert stats[f"attention_max_logit_layer{i}"] == pytest.approx(0.0, abs=1e-6)

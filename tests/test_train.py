@@ -407,3 +407,34 @@ def test_time_to_threshold_is_logged_kept_in_the_summary_and_survives_a_resume(t
     assert resumed["threshold"]["seconds"] == pytest.approx(seconds)
     never = train(small_config(log_dir=str(tmp_path), run_name="never", threshold=1.5))
     assert never["threshold"]["steps"] is None and never["threshold"]["seconds"] is None
+
+
+@pytest.mark.parametrize("backbone", ["trxl", "gru"])
+def test_collapse_diagnostics_are_written_every_update(tmp_path, backbone):
+    """docs/diagnostics.md: the last minibatch's KL, value/return/advantage scale, gradient
+    norm per part and, for a Transformer-XL, attention entropy and largest logit per layer."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(small_config(log_dir=str(tmp_path), run_name="d", **{"model.backbone": backbone}))
+    events = EventAccumulator(str(tmp_path / "d"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    expected = {"diagnostics/last_minibatch_approx_kl", "diagnostics/value_mean",
+                "diagnostics/value_std", "diagnostics/return_mean", "diagnostics/return_std",
+                "diagnostics/advantage_std", "diagnostics/grad_norm_encoder",
+                "diagnostics/grad_norm_memory", "diagnostics/grad_norm_heads"}
+    attention = {f"diagnostics/attention_{what}_layer{i}" for what in ("entropy", "max_logit")
+                 for i in (0, 1)}  # small_config: 2 layers
+    assert expected <= tags
+    assert attention <= tags if backbone == "trxl" else not attention & tags
+    for tag in expected | (attention if backbone == "trxl" else set()):
+        values = [s.value for s in events.Scalars(tag)]
+        assert len(values) == 2 and np.isfinite(values).all(), tag
+    parts = [events.Scalars(f"diagnostics/grad_norm_{p}")[0].value
+             for p in ("encoder", "memory", "heads")]
+    total = events.Scalars("losses/grad_norm")[0].value
+    assert all(p > 0 for p in parts) and max(parts) <= total + 1e-4
+    if backbone == "trxl":  # M = 4: at most log(5) nats over a full window
+        for i in (0, 1):
+            entropy = events.Scalars(f"diagnostics/attention_entropy_layer{i}")[0].value
+            assert 0.0 <= entropy <= np.log(5) + 1e-6

@@ -94,6 +94,12 @@ class MemoryBackbone(nn.Module):
         # A state from another episode is never read: forward resets it at the episode start.
         return records["state"][:, -1]
 
+    def diagnostics(self, x: Tensor, state: Any, episode_start: Tensor) -> dict[str, float]:
+        """Named scalars that say how the memory behaves on a segment (the arguments of
+        :meth:`forward`; no gradient), logged by the trainer once per update as
+        ``diagnostics/<name>``. The default has none."""
+        return {}
+
     def weights_changed(self) -> None:
         """Tell the backbone its weights changed in a way autograd's version counters do not
         see (fused optimizers, edits through ``p.data``); backbones that cache anything
@@ -330,7 +336,13 @@ class TrXLLayer(nn.Module):
 
     def attention_weights(self, h: Tensor, keys: Tensor, visible: Tensor,
                           pos_keys: Tensor | None, distance: Tensor) -> Tensor:
-        """The attention probabilities of the block's queries over ``keys``.
+        """The attention probabilities of the block's queries over ``keys``: the softmax of
+        :meth:`attention_logits`. ``[B, H, N, M + N]``, zero where a key is not visible."""
+        return self.attention_logits(h, keys, visible, pos_keys, distance).softmax(-1)
+
+    def attention_logits(self, h: Tensor, keys: Tensor, visible: Tensor,
+                         pos_keys: Tensor | None, distance: Tensor) -> Tensor:
+        """The attention scores (softmax inputs) of the block's queries over ``keys``.
 
         Transformer-XL scores are ``((q + u).k_j + (q + v).r_{i-j}) / sqrt(Dh)`` with a
         distance table (relative and learned encodings), ``q.k_j / sqrt(Dh)`` without one.
@@ -340,7 +352,7 @@ class TrXLLayer(nn.Module):
         these weights directly. Every query sees at least itself, so no row is all -inf.
 
         :param h: layer input ``[B, N, D]``; the other arguments are those of :meth:`forward`.
-        :return: ``[B, H, N, M + N]``, zero where a key is not visible.
+        :return: ``[B, H, N, M + N]``, -inf where a key is not visible.
         """
         # 1/sqrt(Dh) is applied to the queries (and biases), [B, H, N, Dh], rather than to the
         # scores, [B, H, N, M + N]: the same scores for a fraction of the work.
@@ -357,7 +369,7 @@ class TrXLLayer(nn.Module):
         # and gradients, without copying the scores in the forward and the backward pass
         # (masking and softmax ~3x faster on CPU).
         mask = torch.zeros(visible.shape, dtype=scores.dtype, device=scores.device)
-        return (scores + mask.masked_fill_(~visible, float("-inf"))).softmax(-1)
+        return scores + mask.masked_fill_(~visible, float("-inf"))
 
     def forward(self, h: Tensor, keys: Tensor, values: Tensor, visible: Tensor,
                 pos_keys: Tensor | None, distance: Tensor) -> Tensor:
@@ -598,6 +610,34 @@ class TransformerXL(MemoryBackbone):
             new_state.pos_keys = tuple(pos_out) if pos_out else None
             new_state.cache_tag = tag
         return y, new_state
+
+    @torch.no_grad()
+    def diagnostics(self, x: Tensor, state: MemoryState, episode_start: Tensor
+                    ) -> dict[str, float]:
+        """Per layer ``i``, over every query of the segment and every head:
+        ``attention_entropy_layer{i}``, the mean entropy (nats) of the attention over the
+        visible keys (0: each query looks at one key; log(M + 1): uniform over a full window),
+        and ``attention_max_logit_layer{i}``, the largest attention score (a softmax input;
+        values that grow without bound saturate the softmax). One extra forward pass."""
+        logits: list[Tensor] = []
+
+        def record(layer: TrXLLayer, args: tuple) -> None:
+            h, keys, _values, visible, pos_keys, distance = args  # TrXLLayer.forward's
+            logits.append(layer.attention_logits(h, keys, visible, pos_keys, distance))
+
+        hooks = [layer.register_forward_pre_hook(record) for layer in self.layers]
+        try:
+            self(x, replace(state, use_cache=False), episode_start)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        out = {}
+        for i, scores in enumerate(logits):  # [B, H, N, M + N], -inf where not visible
+            p = scores.softmax(-1)
+            entropy = -(p * scores.log_softmax(-1)).nan_to_num(0.0).sum(-1)  # [B, H, N]
+            out[f"attention_entropy_layer{i}"] = entropy.mean().item()
+            out[f"attention_max_logit_layer{i}"] = scores.amax().item()
+        return out
 
     def step(self, x: Tensor, state: MemoryState, episode_start: Tensor
              ) -> tuple[Tensor, MemoryState]:

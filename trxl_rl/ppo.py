@@ -94,13 +94,17 @@ def ppo_update(agent: nn.Module, optimizer: torch.optim.Optimizer, rollout: Roll
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             (mean_kl,) = ranks.average_gradients(agent.parameters(), approx_kl)
+            part_norms = {f"grad_norm_{name}": norm
+                          for name, norm in agent.gradient_norms().items()}
             grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), cfg.max_grad_norm)
             optimizer.step()
 
             for key, value in (("policy_loss", pg_loss), ("value_loss", value_loss),
                                ("entropy", entropy), ("approx_kl", approx_kl),
-                               ("clipfrac", clipfrac), ("grad_norm", grad_norm)):
+                               ("clipfrac", clipfrac), ("grad_norm", grad_norm),
+                               *part_norms.items()):
                 sums[key] = sums.get(key, 0.0) + value.detach()
+            last_kl = approx_kl
             count += 1
             if cfg.target_kl is not None and mean_kl.item() > cfg.target_kl:
                 stop = True
@@ -112,8 +116,33 @@ def ppo_update(agent: nn.Module, optimizer: torch.optim.Optimizer, rollout: Roll
     returns = ranks.all_gather(rollout.returns.flatten())
     var = returns.var()
     explained = (1 - (returns - values).var() / var).item() if var > 0 else float("nan")
-    stats = {f"losses/{key}": total.item() / count for key, total in sums.items()}
+    stats = {f"losses/{key}": total.item() / count for key, total in sums.items()
+             if not key.startswith("grad_norm_")}
     stats.update({f"losses/first_minibatch_{key}": value for key, value in first.items()})
     stats["losses/explained_variance"] = explained
     stats["losses/minibatch_updates"] = float(count)
+    stats.update(diagnostics(agent, rollout, mb, last_kl, values, returns,
+                             {key: total.item() / count for key, total in sums.items()
+                              if key.startswith("grad_norm_")}))
     return stats
+
+
+def diagnostics(agent: nn.Module, rollout: Rollout, last, last_kl: Tensor, values: Tensor,
+                returns: Tensor, grad_norms: dict[str, float]) -> dict[str, float]:
+    """What explains an update that goes wrong, cheap enough to log every update
+    (``diagnostics/*``; docs/diagnostics.md says how to read them): the KL of the last
+    minibatch (after all but one optimizer step, where a collapse shows), the scale of the
+    values and returns (all ranks' rollouts, ``values``/``returns`` ``[T * B]``), the
+    advantages' spread, the gradient norm per part before clipping (mean over minibatches),
+    and the memory's own (:meth:`~trxl_rl.memory.MemoryBackbone.diagnostics`, on the last
+    minibatch ``last`` after the update)."""
+    out = {"diagnostics/last_minibatch_approx_kl": last_kl.item(),
+           "diagnostics/value_mean": values.mean().item(),
+           "diagnostics/value_std": values.std().item(),
+           "diagnostics/return_mean": returns.mean().item(),
+           "diagnostics/return_std": returns.std().item(),
+           "diagnostics/advantage_std": rollout.advantages.std().item(),
+           **{f"diagnostics/{key}": value for key, value in grad_norms.items()}}
+    memory = agent.memory_diagnostics(last.obs, last.memory, last.episode_start)
+    out.update({f"diagnostics/{key}": value for key, value in memory.items()})
+    return out
