@@ -5,10 +5,14 @@ trxl_rl: numpy, gymnasium and either onnxruntime (``.onnx``) or torch (``.pt``, 
     python examples/run_exported_policy.py policy.onnx --episodes 5          # sampled actions
     python examples/run_exported_policy.py policy.pt --greedy --env CartPole-v1
 
-The env (default: the id the policy was trained on, through ``gymnasium.make``) must give
-the observations the policy was trained on, i.e. those of ``trxl_rl.envs.make_env``: for a
-plain gymnasium env (CartPole, Pendulum, ...) that is ``gymnasium.make``; trxl_rl's own
-envs (MiniGrid-Memory, CueRecall, POPGym with the previous action) wrap theirs.
+The env (default: the id the policy was trained on) must give the observations the policy
+was trained on, i.e. those of ``trxl_rl.envs.make_env``: for a plain gymnasium env
+(CartPole, Pendulum, ...) that is ``gymnasium.make``; trxl_rl's own envs (MiniGrid-Memory,
+CueRecall, POPGym with the previous action) wrap theirs, so build those with
+``--env-from trxl_rl`` (trxl_rl then makes the env; the policy still runs without it). An env
+whose observations do not fit the policy stops with one line saying so.
+
+    python examples/run_exported_policy.py policy.onnx --env-from trxl_rl   # a MiniGrid run
 
 The functions below are what any caller of an exported step does (the layout is documented
 in ``trxl_rl/export.py``): keep the memory, feed it back after every step, start each episode
@@ -148,16 +152,61 @@ def run_episodes(policy: Callable[[Arrays], Arrays], spec: dict, env: gym.Env,
     return returns
 
 
+def check_env(spec: dict, space: gym.Space) -> str | None:
+    """Why observations of ``space`` (an env's) do not fit the policy, or None: every
+    ``obs`` input needs a (sub)space of its shape and dtype."""
+    for entry in spec["inputs"]:
+        path = entry["name"].split(".")
+        if path[0] != "obs":
+            continue
+        sub = space
+        for key in path[1:]:
+            if not isinstance(sub, gym.spaces.Dict) or key not in sub.spaces:
+                return f"it has no observation key {'.'.join(path[1:])!r}"
+            sub = sub.spaces[key]
+        if isinstance(sub, gym.spaces.Dict) or list(sub.shape) != entry["shape"][1:] \
+                or np.dtype(sub.dtype) != np.dtype(entry["dtype"]):
+            return (f"its observations {entry['name']} are {sub}, the policy takes "
+                    f"{entry['dtype']} {entry['shape'][1:]}")
+    return None
+
+
+def make_env(spec: dict, env_id: str | None, env_from: str) -> gym.Env:
+    """The env to run: ``gymnasium.make`` (with the training kwargs for the training env), or
+    with ``env_from="trxl_rl"`` ``trxl_rl.envs.make_env``, which wraps trxl_rl's own envs as
+    in training (then trxl_rl builds the env; the policy still runs without it)."""
+    kwargs = {} if env_id else spec["env_kwargs"]
+    env_id = env_id or spec["env_id"]
+    if env_from == "trxl_rl":
+        from trxl_rl.envs import make_env as trxl_rl_make_env
+
+        return trxl_rl_make_env(env_id, **kwargs)
+    hint = "; build it as in training with --env-from trxl_rl"
+    try:
+        env = gym.make(env_id, **kwargs)
+    except Exception as err:  # an id or kwargs of trxl_rl's own envs
+        raise SystemExit(f"error: gymnasium cannot make {env_id!r} with {kwargs}: "
+                         f"{str(err).splitlines()[0]}{hint}") from None
+    problem = check_env(spec, env.observation_space)
+    if problem:
+        raise SystemExit(f"error: {env_id!r} from gymnasium does not fit the policy: "
+                         f"{problem}{hint}")
+    return env
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("policy", help="an exported .onnx or .pt (TorchScript) file")
     parser.add_argument("--env", help="gymnasium id (default: the id trained on)")
+    parser.add_argument("--env-from", choices=["gymnasium", "trxl_rl"], default="gymnasium",
+                        help="who builds the env: gymnasium.make (default), or trxl_rl's "
+                             "make_env for its own envs (MiniGrid-Memory, CueRecall, ...)")
     parser.add_argument("--episodes", type=int, default=3)
     parser.add_argument("--greedy", action="store_true", help="most likely actions")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     policy, spec = load_policy(args.policy)
-    env = gym.make(args.env or spec["env_id"], **({} if args.env else spec["env_kwargs"]))
+    env = make_env(spec, args.env, args.env_from)
     returns = run_episodes(policy, spec, env, args.episodes, args.greedy, args.seed)
     env.close()
     print(json.dumps({"episodes": len(returns), "returns": returns,

@@ -234,6 +234,25 @@ def test_example_script_runs_exported_policies_in_an_env_loop_without_trxl_rl(tm
         assert result["episodes"] == 2 and len(result["returns"]) == 2
 
 
+def test_example_script_builds_trxl_rl_envs_on_request_and_says_when_an_env_does_not_fit(
+        tmp_path):
+    checkpoint = untrained_checkpoint(tmp_path / "grid.pt", noise=0.1)  # MiniGrid-MemoryS9
+    path = tmp_path / "grid.pt.ts"
+    export_policy(checkpoint, path, "torchscript")
+
+    def run(*args):
+        return subprocess.run([sys.executable, str(EXAMPLE), str(path), "--episodes", "2",
+                               *args], capture_output=True, text=True, timeout=300)
+
+    done = run("--env-from", "trxl_rl")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1])["episodes"] == 2
+    refused = run("--env", "MiniGrid-MemoryS9-v0")  # gymnasium's: minigrid's own observations
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    message = refused.stderr.strip().splitlines()
+    assert len(message) == 1 and "--env-from trxl_rl" in message[0], refused.stderr
+
+
 @pytest.fixture(scope="module")
 def gru_checkpoint(tmp_path_factory):
     return untrained_checkpoint(tmp_path_factory.mktemp("bad") / "gru.pt",
