@@ -19,6 +19,10 @@ one never runs code from the file:
   ``shuffle``, ``carry``, ``envs``) of ranks 1 .. K-1 in rank order; the top-level training
   state is rank 0's. Model and optimizer are shared by all ranks. Formats 2 and 3 are
   single-process runs.
+- optionally (written since 2026-12-03, any format 4 file may lack it), ``timing``: the
+  run's training seconds so far and its :class:`trxl_rl.metrics.Threshold` state, so that a
+  resumed run counts time to threshold on. Wall-clock is not part of the exact training
+  state: two runs that are equal bit for bit differ here.
 
 Format 1 files (written before the training state was added) load for evaluation and
 :func:`load_agent`, but cannot be resumed. Formats 1 and 2 (Transformer-XL only, its fields
