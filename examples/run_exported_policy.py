@@ -69,16 +69,20 @@ def initial_memory(spec: dict, batch: int) -> Arrays:
                                  dtype=shapes[m["input"]]["dtype"]) for m in spec["memory"]}
 
 
+def observation_entries(spec: dict) -> list[tuple[dict, list[str]]]:
+    """The ``obs`` inputs of the step with their key paths (``[]`` for a single tensor,
+    ``["a", "b"]`` for ``obs.a.b`` of a nested Dict observation)."""
+    return [(entry, entry["name"].split(".")[1:]) for entry in spec["inputs"]
+            if entry["name"].split(".")[0] == "obs"]
+
+
 def observation_inputs(spec: dict, obs) -> Arrays:
     """A batch of observations (an array, or a dict of them as a vector env returns) ->
     the ``obs`` inputs, each in its dtype."""
     out = {}
-    for entry in spec["inputs"]:
-        path = entry["name"].split(".")
-        if path[0] != "obs":
-            continue
+    for entry, keys in observation_entries(spec):
         value = obs
-        for key in path[1:]:
+        for key in keys:
             value = value[key]
         out[entry["name"]] = np.ascontiguousarray(value, dtype=entry["dtype"])
     return out
@@ -155,14 +159,11 @@ def run_episodes(policy: Callable[[Arrays], Arrays], spec: dict, env: gym.Env,
 def check_env(spec: dict, space: gym.Space) -> str | None:
     """Why observations of ``space`` (an env's) do not fit the policy, or None: every
     ``obs`` input needs a (sub)space of its shape and dtype."""
-    for entry in spec["inputs"]:
-        path = entry["name"].split(".")
-        if path[0] != "obs":
-            continue
+    for entry, keys in observation_entries(spec):
         sub = space
-        for key in path[1:]:
+        for key in keys:
             if not isinstance(sub, gym.spaces.Dict) or key not in sub.spaces:
-                return f"it has no observation key {'.'.join(path[1:])!r}"
+                return f"it has no observation key {'.'.join(keys)!r}"
             sub = sub.spaces[key]
         if isinstance(sub, gym.spaces.Dict) or list(sub.shape) != entry["shape"][1:] \
                 or np.dtype(sub.dtype) != np.dtype(entry["dtype"]):

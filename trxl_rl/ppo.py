@@ -55,6 +55,7 @@ def ppo_update(agent: nn.Module, optimizer: torch.optim.Optimizer, rollout: Roll
     ranks = ranks or Ranks()
     clip = cfg.clip_coef
     sums: dict[str, torch.Tensor] = {}  # summed on the device: one host sync per update
+    part_sums: dict[str, torch.Tensor] = {}  # the gradient norm per part of the agent
     count = 0
     first: dict[str, float] = {}
     stop = False
@@ -94,15 +95,14 @@ def ppo_update(agent: nn.Module, optimizer: torch.optim.Optimizer, rollout: Roll
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             (mean_kl,) = ranks.average_gradients(agent.parameters(), approx_kl)
-            part_norms = {f"grad_norm_{name}": norm
-                          for name, norm in agent.gradient_norms().items()}
+            for name, norm in agent.gradient_norms().items():
+                part_sums[name] = part_sums.get(name, 0.0) + norm
             grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), cfg.max_grad_norm)
             optimizer.step()
 
             for key, value in (("policy_loss", pg_loss), ("value_loss", value_loss),
                                ("entropy", entropy), ("approx_kl", approx_kl),
-                               ("clipfrac", clipfrac), ("grad_norm", grad_norm),
-                               *part_norms.items()):
+                               ("clipfrac", clipfrac), ("grad_norm", grad_norm)):
                 sums[key] = sums.get(key, 0.0) + value.detach()
             last_kl = approx_kl
             count += 1
@@ -116,14 +116,13 @@ def ppo_update(agent: nn.Module, optimizer: torch.optim.Optimizer, rollout: Roll
     returns = ranks.all_gather(rollout.returns.flatten())
     var = returns.var()
     explained = (1 - (returns - values).var() / var).item() if var > 0 else float("nan")
-    stats = {f"losses/{key}": total.item() / count for key, total in sums.items()
-             if not key.startswith("grad_norm_")}
+    stats = {f"losses/{key}": total.item() / count for key, total in sums.items()}
     stats.update({f"losses/first_minibatch_{key}": value for key, value in first.items()})
     stats["losses/explained_variance"] = explained
     stats["losses/minibatch_updates"] = float(count)
     stats.update(diagnostics(agent, rollout, mb, last_kl, values, returns,
-                             {key: total.item() / count for key, total in sums.items()
-                              if key.startswith("grad_norm_")}))
+                             {f"grad_norm_{name}": total.item() / count
+                              for name, total in part_sums.items()}))
     return stats
 
 
