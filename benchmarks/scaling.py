@@ -16,6 +16,10 @@ steps of all ranks. ``env`` is the preset's 16 envs alone in one process with ra
 (``vs 1x1``): on a shared host every row moves with the load. With ``--repeat R`` the rows run
 R times, interleaved; a row shows its median SPS and the median of its ratios to ``1x1``
 within a round (as ``benchmarks.run --repeat``).
+
+``--beside`` keeps a second training run of the preset (one torch thread, as the README
+advises for a shared machine) busy beside every row, as on a machine where a user trains two
+things at once; it is stopped when the rows are done.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from benchmarks.run import combine, machine, report
@@ -68,6 +75,27 @@ def run_row(name: str, updates: int) -> dict:
     return {**json.loads(lines[-1]), "ranks": ranks, "threads": threads, "device": device}
 
 
+@contextmanager
+def second_run(active: bool):
+    """A training run of the preset in a temporary directory for as long as the block runs."""
+    if not active:
+        yield
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "trxl_rl.train", "--env", "MiniGrid-Memory", "--threads",
+               "1", "--total-steps", "100000000", "--progress", "false", "--run-name", "beside"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1",
+               "PYTHONPATH": os.pathsep.join([str(Path.cwd()), *sys.path])}
+        proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        time.sleep(15)  # past its start-up: training when the first row starts
+        try:
+            yield
+        finally:
+            proc.kill()
+            proc.wait()
+
+
 def table(results: list[dict]) -> str:
     lines = ["| row | ranks x threads | device | SPS | vs 1x1 | env / inference / update "
              "(rank 0) | peak RSS MiB (rank 0) | first-minibatch KL |",
@@ -101,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="1 timed update per row, not 3")
     parser.add_argument("--repeat", type=int, default=1,
                         help="run the rows R times, interleaved; medians (see above)")
+    parser.add_argument("--beside", action="store_true",
+                        help="keep a second training run (1 thread) going beside every row")
     parser.add_argument("--json", default="benchmarks/out/scaling.json")
     args = parser.parse_args(argv)
     for name in args.rows:
@@ -111,16 +141,18 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(str(err))
 
     rounds = []
-    for _ in range(max(1, args.repeat)):
-        rounds.append([])
-        for name in args.rows:
-            result = {"name": name, "base": None if name == "1x1" else "1x1",
-                      **run_row(name, 1 if args.quick else 3)}
-            rounds[-1].append(result)
-            print(f"{name}: {json.dumps(result)}", file=sys.stderr, flush=True)
+    with second_run(args.beside):
+        for _ in range(max(1, args.repeat)):
+            rounds.append([])
+            for name in args.rows:
+                result = {"name": name, "base": None if name == "1x1" else "1x1",
+                          **run_row(name, 1 if args.quick else 3)}
+                rounds[-1].append(result)
+                print(f"{name}: {json.dumps(result)}", file=sys.stderr, flush=True)
     devices = sorted({parse_row(n)[2] for n in args.rows if n != "env"})
     host = re.sub(r" \(\d+ threads\)", "", machine("cuda" if "cuda" in devices else "cpu", None))
-    report(f"Machine: {host} (threads: per row)", combine(rounds), Path(args.json), table)
+    beside = ", beside a second training run (1 thread)" if args.beside else ""
+    report(f"Machine: {host} (threads: per row){beside}", combine(rounds), Path(args.json), table)
     return 0
 
 
