@@ -357,6 +357,14 @@ def test_the_defaults_are_the_minigrid_memory_preset_so_any_env_id_starts_from_t
     assert cfg.env.id == "CartPole-v1" and cfg.model == preset.model and cfg.ppo == preset.ppo
 
 
+def test_one_torch_thread_by_default_and_null_is_torchs_own_default():
+    assert build_config().threads == 1  # benchmarks.scaling --beside: 2 threads collapse
+    args, overrides = parse_args(["--threads", "null"])
+    assert resolve_config(args, overrides).threads is None
+    with pytest.raises(ConfigError, match="threads must be > 0"):
+        build_config({"threads": 0})
+
+
 @pytest.mark.parametrize("env_id,steps,time_limit", [
     ("MiniGrid-MemoryS7-v0", 500_000, 64), ("MiniGrid-MemoryS9-v0", 500_000, 96),
     ("MiniGrid-MemoryS11-v0", 1_000_000, 128), ("MiniGrid-MemoryS13-v0", 1_000_000, 160),

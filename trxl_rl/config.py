@@ -135,7 +135,10 @@ class TrainConfig:
     :param total_steps: the budget of environment steps (all envs of all ranks together):
         training runs as many whole rollouts as fit in it (at least one).
     :param device: ``auto`` (cuda if available), ``cpu`` or ``cuda``.
-    :param threads: torch CPU threads (None: torch's default).
+    :param threads: torch CPU threads (None: torch's default, one per core). One by default:
+        at these model sizes a second thread gains ~8% on an idle 2-core machine and makes a
+        run 3.7x slower when another process holds a core (``benchmarks.scaling --beside``);
+        use both cores with two ranks (``torchrun``) or a second run instead.
     :param checkpoint_every: updates between checkpoints (one is always written at the end).
     :param eval_episodes: episodes of the final evaluation on seeds not used in training
         (0 disables it).
@@ -156,7 +159,7 @@ class TrainConfig:
     seed: int = 1
     total_steps: int = 500_000
     device: str = "auto"
-    threads: int | None = None
+    threads: int | None = 1
     run_name: str | None = None
     log_dir: str = "runs"
     checkpoint_every: int = 25
