@@ -442,3 +442,49 @@ def test_unsupported_action_space_raises_value_error_naming_it(space):
     with pytest.raises(ValueError):
         action_shape(space)
 
+
+
+@pytest.mark.parametrize("dedupe", [None, False])
+def test_evaluate_with_reconstruction_is_evaluate_and_reconstruction_with_one_cnn_pass(dedupe):
+    from trxl_rl.agents import MemoryAgent
+
+    images, env = memory_rgb_frames()
+    segments = images[:18].view(3, 6, 84, 84, 3)
+    actions = torch.tensor([[0, 1, 2, 0, 1, 2]] * 3)
+    starts = torch.zeros(3, 6, dtype=torch.bool)
+    starts[:, 0] = True
+    starts[1, 3] = True
+    torch.manual_seed(0)
+
+    def memory(input_dim):
+        return TransformerXL(TrXLConfig(input_dim=input_dim, dim=32, num_layers=1, num_heads=2,
+                                        memory_length=4))
+    agent = MemoryAgent(env.observation_space, env.action_space, memory, encoder_dim=32,
+                        encoder_dedupe=dedupe, reconstruction=True)
+    state = agent.initial_state(3)
+
+    def run(shared):
+        agent.zero_grad()
+        if shared:
+            out, rec = agent.evaluate_with_reconstruction(segments, actions, state, starts)
+        else:
+            out = agent.evaluate(segments, actions, state, starts)
+            rec = agent.reconstruction_loss(segments)
+        (out.log_prob.sum() + out.value.sum() + out.entropy.sum() + rec).backward()
+        return [out.log_prob, out.value, out.entropy, rec], {
+            name: p.grad.clone() for name, p in agent.named_parameters() if p.grad is not None}
+
+    cnn_batches = []
+    agent.encoder.cnn.register_forward_hook(lambda m, inputs, out: cnn_batches.append(len(out)))
+    apart, grads_apart = run(shared=False)
+    assert len(cnn_batches) == 2  # evaluate's pass, then the reconstruction's own
+    cnn_batches.clear()
+    shared, grads_shared = run(shared=True)
+    distinct = len(distinct_rows(images[:18])[0])
+    assert cnn_batches == [18 if dedupe is False else distinct] and distinct < 12
+    for a, b in zip(apart, shared):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert grads_apart.keys() == grads_shared.keys()
+    for name in grads_apart:
+        torch.testing.assert_close(grads_apart[name], grads_shared[name], rtol=1e-4, atol=1e-6,
+                                   msg=name)

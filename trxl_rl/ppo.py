@@ -61,7 +61,11 @@ def ppo_update(agent: nn.Module, optimizer: torch.optim.Optimizer, rollout: Roll
     stop = False
     for _ in range(cfg.epochs):
         for mb in rollout.minibatches(cfg.segment_length, cfg.minibatches, generator):
-            out = agent.evaluate(mb.obs, mb.actions, mb.memory, mb.episode_start)
+            if cfg.reconstruction_coef > 0:  # one encoder pass for both (pixel observations)
+                out, reconstruction = agent.evaluate_with_reconstruction(
+                    mb.obs, mb.actions, mb.memory, mb.episode_start)
+            else:
+                out = agent.evaluate(mb.obs, mb.actions, mb.memory, mb.episode_start)
             log_ratio = out.log_prob - mb.log_probs
             ratio = log_ratio.exp()
             with torch.no_grad():
@@ -87,7 +91,6 @@ def ppo_update(agent: nn.Module, optimizer: torch.optim.Optimizer, rollout: Roll
             entropy = out.entropy.mean()
             loss = pg_loss + cfg.value_coef * value_loss - entropy_coef * entropy
             if cfg.reconstruction_coef > 0:
-                reconstruction = agent.reconstruction_loss(mb.obs)
                 loss = loss + cfg.reconstruction_coef * reconstruction
                 sums["reconstruction_loss"] = (sums.get("reconstruction_loss", 0.0)
                                                + reconstruction.detach())
