@@ -13,8 +13,9 @@ iteration that is not counted, with a stopwatch around each phase:
   ``agent.value`` on final observations; storage: ``Rollout.add`` and ``add_outcome``;
 - episodes: reading finished episodes from the infos; rest of the rollout: the loop itself,
   action conversion, done flags; GAE: the bootstrap value and ``compute_returns``;
-- update: ``ppo_update``, split into its forward+loss, backward, gradient clipping and
-  optimizer step with autograd's own hooks out of the way (stopwatches around the calls).
+- update: ``ppo_update``, split into the forward pass (``agent.evaluate`` or
+  ``evaluate_with_reconstruction``), backward, gradient clipping with the optimizer step, and
+  the rest (minibatch slicing, the losses, the diagnostics).
 
 Every phase is wall-clock of the calls (one thread unless ``--threads``), so the shares add up
 to the iteration. The stopwatches cost a few microseconds per call: compare with
@@ -30,7 +31,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 
 PHASES = ("env", "observations", "acting", "truncation bootstraps", "storage", "episodes",
-          "rest of the rollout", "GAE", "update: forward + loss", "update: backward",
+          "rest of the rollout", "GAE", "update: forward", "update: backward",
           "update: clip + optimizer", "update: rest")
 
 
@@ -110,6 +111,7 @@ def profile(preset: str, overrides: dict, updates: int, threads: int) -> tuple[d
                 (envs_module, "completed_episodes", "episodes"),
                 (envs_module, "final_observations", "truncation bootstraps"),
                 (train_module, "ppo_update", "update"), (agent, "evaluate", "forward"),
+                (agent, "evaluate_with_reconstruction", "forward"),
                 (torch.Tensor, "backward", "update: backward"),
                 (torch.nn.utils, "clip_grad_norm_", "update: clip + optimizer"),
                 (optimizer, "step", "update: clip + optimizer")):
@@ -136,7 +138,7 @@ def split(watch: Stopwatch, total: float) -> dict[str, float]:
         **{k: s.get(k, 0.0) for k in ("env", "observations", "acting", "truncation bootstraps",
                                        "storage", "episodes")},
         "rest of the rollout": s.get("rollout", 0.0) - rollout_inner,
-        "update: forward + loss": s.get("forward", 0.0),
+        "update: forward": s.get("forward", 0.0),
         "update: backward": s.get("update: backward", 0.0),
         "update: clip + optimizer": s.get("update: clip + optimizer", 0.0),
         "update: rest": s.get("update", 0.0) - update_inner,

@@ -19,7 +19,7 @@ def test_phases_cover_the_iteration_and_are_restored():
     assert steps == 2 * 4 * 32
     assert set(phases) == set(PHASES)
     assert abs(sum(phases.values()) - total) < 1e-9
-    for name in ("env", "acting", "storage", "update: forward + loss", "update: backward",
+    for name in ("env", "acting", "storage", "update: forward", "update: backward",
                  "update: clip + optimizer"):
         assert phases[name] > 0, name
     assert all(v >= 0 for v in phases.values()), phases
