@@ -482,7 +482,7 @@ def test_evaluate_with_reconstruction_is_evaluate_and_reconstruction_with_one_cn
     shared, grads_shared = run(shared=True)
     distinct = len(distinct_rows(images[:18])[0])
     assert cnn_batches == [18 if dedupe is False else distinct] and distinct < 12
-    for a, b in zip(apart, shared):
+    for a, b in zip(apart, shared, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert grads_apart.keys() == grads_shared.keys()
     for name in grads_apart:
