@@ -142,8 +142,9 @@ class MemoryAgent(nn.Module):
         """:meth:`evaluate` and :meth:`reconstruction_loss` of the same segments of images
         ``[C, N, H, W, C]``, the same numbers up to float rounding, with one encoder pass:
         the CNN runs once on the distinct images, whose features both the memory (copied to
-        the repeats) and the decoder read. Doing both apart found the distinct images twice
-        and ran the CNN a second time on them (~16% of the pixel preset's update)."""
+        the repeats) and the decoder read, also on a GPU (where :meth:`evaluate` alone runs the
+        CNN on every image). Doing both apart found the distinct images twice and ran the CNN
+        a second time on them: the pixel preset's update took 1.23-1.29x as long on a CPU."""
         self._check_decoder()
         images = obs.flatten(0, 1)
         first, inverse = distinct_rows(images)
@@ -185,10 +186,11 @@ class MemoryAgent(nn.Module):
 
         Distinct images count once each, however often they repeat, so a rarely seen view
         (a cue object in an unusual place) weighs as much as the corridor seen every step; it
-        also keeps the decoder's cost to the few distinct images of rendered grid worlds. The
-        encoder runs again on those images (a tenth of a minibatch in MiniGrid). On a GPU
-        finding them makes the host wait for the device once per minibatch (benchmark row
-        ``b-recon`` there: 0.47x ``b``).
+        also keeps the decoder's cost to the few distinct images of rendered grid worlds (a
+        tenth of a minibatch in MiniGrid). Here the encoder runs on them again; the PPO update
+        calls :meth:`evaluate_with_reconstruction`, which shares the policy's encoder pass. On
+        a GPU finding them makes the host wait for the device once per minibatch (benchmark
+        row ``b-recon`` there, before the pass was shared: 0.47x ``b``).
         """
         self._check_decoder()
         images = obs.flatten(0, obs.dim() - 4)
