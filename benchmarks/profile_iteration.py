@@ -53,9 +53,11 @@ class Stopwatch:
         return timed
 
     @contextmanager
-    def patched(self, owner, name: str, phase: str):
+    def patched(self, owner, name: str, phase: str, replacement=None):
+        """``owner.name`` timed as ``phase`` (``replacement``, if given, timed in its place)
+        for as long as the block runs."""
         original = getattr(owner, name)
-        setattr(owner, name, self.wrap(phase, original))
+        setattr(owner, name, self.wrap(phase, replacement or original))
         try:
             yield
         finally:
@@ -70,25 +72,15 @@ def profile(preset: str, overrides: dict, updates: int, threads: int) -> tuple[d
 
     import trxl_rl.envs as envs_module
     import trxl_rl.train as train_module
-    from trxl_rl.agents import action_dtype, action_shape, build_agent
+    from benchmarks.run import training_pieces
     from trxl_rl.config import build_config, preset_path, read_yaml
-    from trxl_rl.envs import make_vector_env
-    from trxl_rl.rollout import Rollout
-    from trxl_rl.train import Carry, EpisodeLog, iteration, make_optimizer
+    from trxl_rl.train import EpisodeLog, iteration
 
     torch.set_num_threads(threads)
     cfg = build_config(read_yaml(preset_path(preset)), {**overrides, "device": "cpu"})
-    b, t = cfg.env.num_envs, cfg.ppo.rollout_steps
-    torch.manual_seed(0)
-    envs = make_vector_env(cfg.env.id, b, cfg.env.vectorization, replay=True, **cfg.env.kwargs)
-    space, act = envs.single_observation_space, envs.single_action_space
-    agent = build_agent(cfg, space, act)
-    optimizer = make_optimizer(cfg, agent)
-    rollout = Rollout(t, b, space, action_shape(act), action_dtype(act), agent.memory, "cpu")
-    carry = Carry(envs.reset(seed=0)[0], agent.initial_state(b),
-                  torch.ones(b, dtype=torch.bool))
-    shuffle = torch.Generator().manual_seed(0)
     device = torch.device("cpu")
+    envs, agent, optimizer, rollout, carry, shuffle = training_pieces(cfg, device, seed=0)
+    steps = updates * cfg.env.num_envs * cfg.ppo.rollout_steps
 
     def run_iteration(carry):
         return iteration(agent, optimizer, envs, rollout, carry, cfg.ppo, cfg.ppo.entropy_coef,
@@ -98,7 +90,7 @@ def profile(preset: str, overrides: dict, updates: int, threads: int) -> tuple[d
     watch = Stopwatch()
     collect = train_module.collect
 
-    def timed_collect(agent_, *args, **kwargs):
+    def collect_timing_values(agent_, *args, **kwargs):
         # agent.value inside the rollout is a truncation bootstrap; outside it, GAE's.
         with watch.patched(agent_, "value", "truncation bootstraps"):
             return collect(agent_, *args, **kwargs)
@@ -116,14 +108,14 @@ def profile(preset: str, overrides: dict, updates: int, threads: int) -> tuple[d
                 (torch.nn.utils, "clip_grad_norm_", "update: clip + optimizer"),
                 (optimizer, "step", "update: clip + optimizer")):
             stack.enter_context(watch.patched(owner, name, phase))
-        stack.enter_context(watch.patched(train_module, "collect", "rollout"))
-        train_module.collect = watch.wrap("rollout", timed_collect)
+        stack.enter_context(watch.patched(train_module, "collect", "rollout",
+                                          collect_timing_values))
         start = time.perf_counter()
         for _ in range(updates):
             carry = run_iteration(carry)
         total = time.perf_counter() - start
     envs.close()
-    return split(watch, total), total, updates * b * t
+    return split(watch, total), total, steps
 
 
 def split(watch: Stopwatch, total: float) -> dict[str, float]:

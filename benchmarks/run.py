@@ -127,12 +127,9 @@ def measure(spec: dict, device: str, threads: int | None, ranks=None) -> dict:
     import numpy as np
     import torch
 
-    from trxl_rl.agents import action_dtype, action_shape, build_agent
     from trxl_rl.config import build_config, preset_path, read_yaml, resolve_device
     from trxl_rl.distributed import Ranks
-    from trxl_rl.envs import make_vector_env
-    from trxl_rl.rollout import Rollout
-    from trxl_rl.train import Carry, EpisodeLog, iteration, make_optimizer, reduction
+    from trxl_rl.train import EpisodeLog, iteration, reduction
 
     ranks = ranks or Ranks()
     if threads:
@@ -144,17 +141,9 @@ def measure(spec: dict, device: str, threads: int | None, ranks=None) -> dict:
     dev = ranks.device(resolve_device(cfg.device))
     b, t = cfg.env.num_envs, cfg.ppo.rollout_steps
     seed = ranks.rank * b  # rank r's seed as the trainer makes it (seed + r * num_envs), seed 0
-    torch.manual_seed(seed)
-    envs = make_vector_env(cfg.env.id, b, cfg.env.vectorization, replay=True, **cfg.env.kwargs)
-    space, act = envs.single_observation_space, envs.single_action_space
-    agent = build_agent(cfg, space, act).to(dev)
+    envs, agent, optimizer, rollout, carry, shuffle = training_pieces(
+        cfg, dev, seed, spec.get("state", {}))
     ranks.broadcast_parameters(agent)
-    optimizer = make_optimizer(cfg, agent)
-    rollout = Rollout(t, b, space, action_shape(act), action_dtype(act), agent.memory, dev)
-    state = agent.initial_state(b, device=dev, **spec.get("state", {}))
-    carry = Carry(envs.reset(seed=seed)[0], state,
-                  torch.ones(b, dtype=torch.bool, device=dev))
-    shuffle = torch.Generator().manual_seed(seed)
     totals = {"env": 0.0, "inference": 0.0, "update": 0.0}
     rss_trace, kl = [], []
     for i in range(spec["updates"] + 1):
@@ -186,6 +175,30 @@ def measure(spec: dict, device: str, threads: int | None, ranks=None) -> dict:
     if rss_trace:
         result["rss_trace_mib"] = rss_trace
     return result
+
+
+def training_pieces(cfg, device, seed: int, state_options: dict | None = None) -> tuple:
+    """The trainer's own pieces for ``cfg`` on ``device``, seeded with ``seed``: (vector env,
+    agent, optimizer, rollout, carry into the first iteration, minibatch shuffle generator).
+    ``state_options`` go to ``agent.initial_state`` (e.g. ``kv_cache``)."""
+    import torch
+
+    from trxl_rl.agents import action_dtype, action_shape, build_agent
+    from trxl_rl.envs import make_vector_env
+    from trxl_rl.rollout import Rollout
+    from trxl_rl.train import Carry, make_optimizer
+
+    b, t = cfg.env.num_envs, cfg.ppo.rollout_steps
+    torch.manual_seed(seed)
+    envs = make_vector_env(cfg.env.id, b, cfg.env.vectorization, replay=True, **cfg.env.kwargs)
+    space, act = envs.single_observation_space, envs.single_action_space
+    agent = build_agent(cfg, space, act).to(device)
+    optimizer = make_optimizer(cfg, agent)
+    rollout = Rollout(t, b, space, action_shape(act), action_dtype(act), agent.memory, device)
+    state = agent.initial_state(b, device=device, **(state_options or {}))
+    carry = Carry(envs.reset(seed=seed)[0], state,
+                  torch.ones(b, dtype=torch.bool, device=device))
+    return envs, agent, optimizer, rollout, carry, torch.Generator().manual_seed(seed)
 
 
 def measure_envs(cfg, rollouts: int) -> dict:
