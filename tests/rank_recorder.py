@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import sys
+import time
 
 import trxl_rl.agents
 from trxl_rl import train as trainer
@@ -22,7 +23,7 @@ from trxl_rl.distributed import Ranks, weights_digest
 def main() -> int:
     record_dir, stop_after, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
     rank = int(os.environ["RANK"])
-    updates, reductions, episodes, agents = [], [], [], []
+    updates, reductions, episodes, agents, times = [], [], [], [], {}
 
     build_agent = trxl_rl.agents.build_agent
 
@@ -53,18 +54,22 @@ def main() -> int:
                             "stats": stats})
             if update == stop_after and rank == 0:
                 os.kill(os.getpid(), signal.SIGINT)
-        return train(cfg, on_update=on_update, resume=resume, ranks=ranks)
+        try:
+            return train(cfg, on_update=on_update, resume=resume, ranks=ranks)
+        finally:
+            times["trained"] = time.time()  # rank 0: after its final evaluation
 
     trxl_rl.agents.build_agent = recording_build_agent
     Ranks.reduce_scalars = recording_reduce_scalars
     trainer.EpisodeLog.flush = recording_flush
     trainer.train = recording_train
     code = trainer.main(argv)
+    times["returned"] = time.time()  # after the process group was torn down
     # torchrun stops this rank with SIGTERM once another exits with an error: write first.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     with open(os.path.join(record_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"updates": updates, "reductions": reductions, "episodes": episodes,
-                   "exit_code": code}, f)
+                   "times": times, "exit_code": code}, f)
     return code
 
 

@@ -191,6 +191,14 @@ def test_only_rank_0_writes_files_and_prints(two_ranks):
     assert len(lines) == 1 and json.loads(lines[0])["episodes"] == 2  # rank 0's summary
 
 
+def test_no_rank_tears_down_before_rank_0_has_evaluated(two_ranks):
+    # Rank 1, done training first, waits for rank 0's final evaluation before it closes its
+    # process group (one that left early was seen to abort in gloo's teardown).
+    rank0, rank1 = (r["times"] for r in two_ranks.records)
+    assert rank0["trained"] <= rank1["returned"]
+    assert all(r["exit_code"] == 0 for r in two_ranks.records)
+
+
 def test_logged_statistics_are_those_of_both_ranks_data_together(two_ranks):
     rank0, rank1 = two_ranks.records
     for u, logged in enumerate(rank0["updates"]):

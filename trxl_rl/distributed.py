@@ -53,6 +53,7 @@ from torch import Tensor
 # sets another.
 TIMEOUT = timedelta(minutes=10)
 TIMEOUT_VARIABLE = "TRXL_RL_COLLECTIVE_TIMEOUT"
+FINISH_TIMEOUT = timedelta(days=7)  # Ranks.finish: no limit that a run would meet
 
 REDUCTIONS = ("mean", "sum", "max", "min")
 
@@ -311,6 +312,16 @@ class Ranks:
             with self._collective("waiting for the other ranks"):
                 dist.barrier()
 
+    def finish(self) -> None:
+        """Wait, without the collectives' timeout, until every rank has finished the run (rank
+        0 evaluates after training, for as long as that takes), so that no rank tears its
+        process group down while another still uses its own: a rank that did was seen to abort
+        in gloo's teardown (SIGABRT, "terminate called without an active exception"). A rank
+        lost meanwhile is torchrun's to stop."""
+        if self.distributed:
+            with self._collective("waiting for the other ranks to finish"):
+                dist.monitored_barrier(timeout=FINISH_TIMEOUT)
+
     def first_error(self, message: str | None) -> tuple[int, str] | None:
         """Agree on failure before anything is written: each rank passes its error message or
         None; all get ``(rank, message)`` of the lowest rank that failed, or None."""
@@ -322,5 +333,5 @@ class Ranks:
         return next(((rank, m) for rank, m in enumerate(messages) if m is not None), None)
 
 
-__all__ = ["REDUCTIONS", "TIMEOUT", "TIMEOUT_VARIABLE", "RankLost", "Ranks",
+__all__ = ["FINISH_TIMEOUT", "REDUCTIONS", "TIMEOUT", "TIMEOUT_VARIABLE", "RankLost", "Ranks",
            "launched_by_torchrun", "reduce_rows", "weights_digest"]

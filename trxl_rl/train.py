@@ -646,6 +646,7 @@ def _main(argv: list[str] | None, ranks: Ranks) -> int:
         return stop.exit_code
     if ranks.main:
         print(json.dumps(summary))
+    ranks.finish()
     return 0
 
 
