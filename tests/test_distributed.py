@@ -278,17 +278,25 @@ def test_resumed_two_rank_run_equals_the_uninterrupted_run_bit_for_bit(two_ranks
 
 
 @pytest.mark.distributed
-def test_target_kl_stops_every_rank_after_the_same_minibatch(tmp_path):
-    """The early stop is decided on the ranks' mean KL, so no rank waits for a minibatch
-    that the other skipped."""
-    result = torchrun(*TINY, "--ppo.target_kl", "1.0e-7", "--ppo.learning_rate", "0.01",
+@pytest.mark.parametrize("guard,changed", [("target_kl", "losses/minibatch_updates"),
+                                           ("rollback_kl", "losses/rolled_back"),
+                                           ("lr_target_kl", "charts/learning_rate_factor")])
+def test_kl_guards_act_alike_on_every_rank(tmp_path, guard, changed):
+    """The early stop, the rollback and the rate's factor are decided on the ranks' mean KL,
+    so no rank waits for a minibatch that another skipped and the weights stay the same."""
+    result = torchrun(*TINY, f"--ppo.{guard}", "1.0e-7", "--ppo.learning_rate", "0.01",
                       "--total-steps", str(2 * STEPS_PER_UPDATE), "--log_dir", "runs",
                       cwd=tmp_path, record=tmp_path / "records")
     assert result.returncode == 0, result.stderr
     rank0, rank1 = records(tmp_path / "records")
+    unguarded = {"losses/minibatch_updates": 2 * 2, "losses/rolled_back": 0.0,
+                 "charts/learning_rate_factor": 1.0}[changed]
     for u in range(2):
-        counts = [r["reductions"][u]["mine"]["losses/minibatch_updates"] for r in (rank0, rank1)]
-        assert counts[0] == counts[1] < 2 * 2  # stopped early, at the same minibatch
+        # each rank's own scalar where the reduction over ranks sees it (the rate is logged
+        # after it: equal weights show that both ranks stepped at the same rate)
+        seen = [r["reductions"][u]["mine"].get(changed, r["updates"][u]["stats"][changed])
+                for r in (rank0, rank1)]
+        assert seen[0] == seen[1] != unguarded  # the guard acted, alike on both ranks
         assert rank0["updates"][u]["weights"] == rank1["updates"][u]["weights"]
 
 

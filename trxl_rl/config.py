@@ -105,7 +105,17 @@ class ModelConfig:
 @dataclass
 class PPOConfig:
     """PPO hyperparameters. ``rollout_steps`` per env per update; updates run over
-    (env, segment) chunks of ``segment_length`` steps, which must divide ``rollout_steps``."""
+    (env, segment) chunks of ``segment_length`` steps, which must divide ``rollout_steps``.
+
+    Three guards on how far one update moves the policy, all measured by the approx_kl of a
+    minibatch (the k3 estimate against the rollout's policy, averaged over ranks) and all
+    off (None) by default: ``target_kl`` ends the update after the minibatch step whose KL
+    passed it; ``lr_target_kl`` makes the learning rate follow the KL (slower while it is
+    above twice this, back up to the schedule while below half; see
+    :class:`trxl_rl.ppo.LearningRate`); ``rollback_kl`` undoes an update in which a
+    minibatch's KL passed it (weights and optimizer state as before the update, and the rate
+    slowed).
+    """
 
     rollout_steps: int = 256
     segment_length: int = 32
@@ -125,6 +135,8 @@ class PPOConfig:
     max_grad_norm: float = 0.5
     norm_advantages: bool = True
     target_kl: float | None = None
+    lr_target_kl: float | None = None
+    rollback_kl: float | None = None
     reconstruction_coef: float = 0.0  # > 0: the agent gets an image decoder (image obs only)
 
 
@@ -207,7 +219,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
         optional_positive = {
             "threads": self.threads, "model.encoder_dim": model.encoder_dim,
-            "ppo.target_kl": ppo.target_kl, "ppo.clip_coef": ppo.clip_coef,
+            "ppo.target_kl": ppo.target_kl, "ppo.lr_target_kl": ppo.lr_target_kl,
+            "ppo.rollback_kl": ppo.rollback_kl, "ppo.clip_coef": ppo.clip_coef,
             "ppo.max_grad_norm": ppo.max_grad_norm, "ppo.adam_eps": ppo.adam_eps,
         }
         if not 0 <= self.seed < 2**31:

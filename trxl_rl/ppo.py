@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor, nn
 
@@ -13,6 +15,57 @@ from trxl_rl.rollout import Rollout
 def linear_schedule(start: float, end: float | None, progress: float) -> float:
     """``start`` -> ``end`` linearly as ``progress`` goes 0 -> 1 (constant if ``end`` is None)."""
     return start if end is None else start + (end - start) * min(max(progress, 0.0), 1.0)
+
+
+class LearningRate:
+    """The optimizer's learning rate: the schedule's value times a factor that follows the
+    measured KL, in the manner of rl_games's adaptive schedule (``ppo.lr_target_kl``).
+
+    After every minibatch step the factor is divided by :attr:`STEP` when that minibatch's
+    approx_kl (the ranks' mean) was above twice the target, and multiplied by it, up to 1,
+    when below half; an update undone by ``ppo.rollback_kl`` divides it too. Unlike rl_games
+    the schedule is the ceiling: the rate never rises above the one a preset was tuned at, it
+    only slows where the policy moves too far and recovers once it no longer does. Without a
+    target the factor stays 1 (a rollback still slows it). The factor is part of the exact
+    training state: checkpoints keep it (:meth:`state`).
+    """
+
+    STEP = 1.5
+    SMALLEST = 1e-3  # of the schedule
+
+    def __init__(self, target_kl: float | None, factor: float = 1.0) -> None:
+        self.target_kl, self.factor = target_kl, factor
+        self.scheduled = 0.0
+
+    @property
+    def value(self) -> float:
+        return self.scheduled * self.factor
+
+    def start_update(self, optimizer: torch.optim.Optimizer, scheduled: float) -> None:
+        """Set the rate of an update whose schedule says ``scheduled``."""
+        self.scheduled = scheduled
+        self._apply(optimizer)
+
+    def observe(self, optimizer: torch.optim.Optimizer, kl: float) -> None:
+        """After a minibatch step whose approx_kl was ``kl``."""
+        if self.target_kl is None:
+            return
+        if kl > 2 * self.target_kl:
+            self.slow_down(optimizer)
+        elif kl < self.target_kl / 2 and self.factor < 1.0:
+            self.factor = min(1.0, self.factor * self.STEP)
+            self._apply(optimizer)
+
+    def slow_down(self, optimizer: torch.optim.Optimizer) -> None:
+        self.factor = max(self.SMALLEST, self.factor / self.STEP)
+        self._apply(optimizer)
+
+    def _apply(self, optimizer: torch.optim.Optimizer) -> None:
+        for group in optimizer.param_groups:
+            group["lr"] = self.value
+
+    def state(self) -> dict[str, float]:
+        return {"factor": self.factor}
 
 
 def normalize_advantages(adv: Tensor, ranks: Ranks) -> Tensor:
@@ -34,7 +87,8 @@ def normalize_advantages(adv: Tensor, ranks: Ranks) -> Tensor:
 
 def ppo_update(agent: nn.Module, optimizer: torch.optim.Optimizer, rollout: Rollout,
                cfg: PPOConfig, entropy_coef: float, generator: torch.Generator | None = None,
-               ranks: Ranks | None = None) -> dict[str, float]:
+               ranks: Ranks | None = None, rate: LearningRate | None = None
+               ) -> dict[str, float]:
     """Run ``cfg.epochs`` epochs of clipped-PPO minibatch updates on ``rollout``.
 
     Every minibatch recomputes its segments in parallel from the stored memory; before the
@@ -50,9 +104,22 @@ def ppo_update(agent: nn.Module, optimizer: torch.optim.Optimizer, rollout: Roll
     (:func:`normalize_advantages`). The returned scalars are this rank's, but for
     ``losses/explained_variance``, computed on all ranks' rollouts together.
 
+    The KL guards of :class:`PPOConfig` act here: ``target_kl`` ends the update early;
+    ``rate`` (the optimizer's :class:`LearningRate`, carried from update to update; None: a
+    new one, from the optimizer's current rate) follows every minibatch's KL; with
+    ``rollback_kl`` the weights and optimizer state are copied before the first step and
+    restored when a minibatch's KL (measured before its step) passes it: that minibatch is
+    not stepped, ``losses/rolled_back`` is 1 and the update's losses are those of the
+    minibatches it measured.
+
     :return: scalars keyed by their TensorBoard names.
     """
     ranks = ranks or Ranks()
+    if rate is None:
+        rate = LearningRate(cfg.lr_target_kl)
+        rate.scheduled = optimizer.param_groups[0]["lr"]
+    before = _training_state(agent, optimizer) if cfg.rollback_kl is not None else None
+    rolled_back = False
     clip = cfg.clip_coef
     sums: dict[str, torch.Tensor] = {}  # summed on the device: one host sync per update
     part_sums: dict[str, torch.Tensor] = {}  # the gradient norm per part of the agent
@@ -98,10 +165,12 @@ def ppo_update(agent: nn.Module, optimizer: torch.optim.Optimizer, rollout: Roll
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             (mean_kl,) = ranks.average_gradients(agent.parameters(), approx_kl)
+            undo = before is not None and mean_kl.item() > cfg.rollback_kl
             for name, norm in agent.gradient_norms().items():
                 part_sums[name] = part_sums.get(name, 0.0) + norm
             grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), cfg.max_grad_norm)
-            optimizer.step()
+            if not undo:
+                optimizer.step()
 
             for key, value in (("policy_loss", pg_loss), ("value_loss", value_loss),
                                ("entropy", entropy), ("approx_kl", approx_kl),
@@ -109,6 +178,13 @@ def ppo_update(agent: nn.Module, optimizer: torch.optim.Optimizer, rollout: Roll
                 sums[key] = sums.get(key, 0.0) + value.detach()
             last_kl = approx_kl
             count += 1
+            if undo:  # this minibatch measured and logged, not stepped; the update undone
+                _restore_training_state(agent, optimizer, before)
+                rate.slow_down(optimizer)
+                rolled_back = stop = True
+                break
+            if rate.target_kl is not None:
+                rate.observe(optimizer, mean_kl.item())
             if cfg.target_kl is not None and mean_kl.item() > cfg.target_kl:
                 stop = True
                 break
@@ -122,11 +198,26 @@ def ppo_update(agent: nn.Module, optimizer: torch.optim.Optimizer, rollout: Roll
     stats = {f"losses/{key}": total.item() / count for key, total in sums.items()}
     stats.update({f"losses/first_minibatch_{key}": value for key, value in first.items()})
     stats["losses/explained_variance"] = explained
-    stats["losses/minibatch_updates"] = float(count)
+    stats["losses/minibatch_updates"] = float(count - rolled_back)  # optimizer steps taken
+    stats["losses/rolled_back"] = float(rolled_back)
     stats.update(diagnostics(agent, rollout, mb, last_kl, values, returns,
                              {f"grad_norm_{name}": total.item() / count
                               for name, total in part_sums.items()}))
     return stats
+
+
+def _training_state(agent: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Copies of the weights and the optimizer state, to undo an update with."""
+    return ({k: v.clone() for k, v in agent.state_dict().items()},
+            copy.deepcopy(optimizer.state_dict()))
+
+
+def _restore_training_state(agent: nn.Module, optimizer: torch.optim.Optimizer,
+                            state: tuple[dict, dict]) -> None:
+    weights, optimizer_state = state
+    agent.load_state_dict(weights)
+    optimizer.load_state_dict(optimizer_state)
+    agent.weights_changed()  # caches built with the undone weights are stale
 
 
 def diagnostics(agent: nn.Module, rollout: Rollout, last, last_kl: Tensor, values: Tensor,

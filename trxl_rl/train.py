@@ -79,7 +79,7 @@ from trxl_rl.metrics import (
     WandbRun,
     check_wandb,
 )
-from trxl_rl.ppo import linear_schedule, ppo_update
+from trxl_rl.ppo import LearningRate, linear_schedule, ppo_update
 from trxl_rl.resume import (
     StopOnSignal,
     TrainingInterrupted,
@@ -236,8 +236,8 @@ def collect(agent, envs, rollout: Rollout, carry: Carry, device: torch.device,
 
 def iteration(agent, optimizer: torch.optim.Optimizer, envs, rollout: Rollout, carry: Carry,
               ppo: PPOConfig, entropy_coef: float, shuffle: torch.Generator,
-              episodes: EpisodeLog, device: torch.device, ranks: Ranks | None = None
-              ) -> tuple[Carry, dict[str, float]]:
+              episodes: EpisodeLog, device: torch.device, ranks: Ranks | None = None,
+              rate: LearningRate | None = None) -> tuple[Carry, dict[str, float]]:
     """One training iteration: a rollout, GAE, then the PPO update (gradients averaged over
     ``ranks``). Returns the new carry and the update's scalars (this rank's) plus
     ``charts/{env,rollout,update}_seconds``."""
@@ -253,7 +253,7 @@ def iteration(agent, optimizer: torch.optim.Optimizer, envs, rollout: Rollout, c
     rollout.compute_returns(last_value, ppo.gamma, ppo.gae_lambda)
     t1 = now()
     agent.train()
-    stats = ppo_update(agent, optimizer, rollout, ppo, entropy_coef, shuffle, ranks)
+    stats = ppo_update(agent, optimizer, rollout, ppo, entropy_coef, shuffle, ranks, rate)
     t2 = now()
     stats["charts/env_seconds"] = env_seconds
     stats["charts/rollout_seconds"] = t1 - t0
@@ -308,6 +308,7 @@ def train(cfg: TrainConfig, on_update: Callable[[int, dict[str, float]], None] |
         global_step = resume["counters"]["global_step"]
     else:
         ranks.broadcast_parameters(agent)
+    rate = LearningRate(cfg.ppo.lr_target_kl, **(resume or {}).get("learning_rate", {}))
     # Wall-clock is not part of the exact training state: it is kept apart (``timing``).
     timing = (resume or {}).get("timing", {})
     seconds_before = timing.get("train_seconds", 0.0)
@@ -335,6 +336,7 @@ def train(cfg: TrainConfig, on_update: Callable[[int, dict[str, float]], None] |
             "spaces": {"observation": space_to_dict(obs_space),
                        "action": space_to_dict(act_space)},
             "counters": {"global_step": global_step, "update": update},
+            "learning_rate": rate.state(),
             "timing": {"train_seconds": train_seconds(), "threshold": threshold.state()},
             **states[0], "world_size": ranks.world_size, "other_ranks": states[1:],
         })
@@ -351,18 +353,18 @@ def train(cfg: TrainConfig, on_update: Callable[[int, dict[str, float]], None] |
         try:
             for update in range(first_update, num_updates + 1):
                 lr, entropy_coef = schedules(cfg.ppo, (update - 1) / num_updates)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+                rate.start_update(optimizer, lr)
                 carry, stats = iteration(agent, optimizer, envs, rollout,
                                          Carry(obs, state, episode_start), cfg.ppo,
-                                         entropy_coef, shuffle, episodes, device, ranks)
+                                         entropy_coef, shuffle, episodes, device, ranks, rate)
                 obs, state, episode_start = carry
                 global_step += steps_per_update
 
                 stats = update_scalars(stats, episodes, ranks)
                 stats["charts/SPS"] = ((global_step - start_step)
                                        / (time.perf_counter() - start_time))
-                stats["charts/learning_rate"] = lr
+                stats["charts/learning_rate"] = rate.value  # at the end of the update
+                stats["charts/learning_rate_factor"] = rate.factor
                 stats["charts/entropy_coef"] = entropy_coef
                 stats.update(threshold.check(stats, global_step, train_seconds()))
                 metrics.record(stats, global_step)
