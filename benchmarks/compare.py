@@ -80,6 +80,7 @@ METRICS = {"success": ("charts/success_rate", "training success rate"),
            "return": ("charts/episodic_return", "training episodic return")}
 RETURN_TAG = "charts/episodic_return"
 SUCCESS_TAG = "charts/success_rate"
+DROP_TOLERANCE = 0.1  # "stays solved": no fall after the threshold larger than this
 ATTEMPTS = "compare_attempts.json"  # in a run directory: one entry per process that ran it
 
 
@@ -379,6 +380,19 @@ def steps_to_threshold(steps: np.ndarray, values: np.ndarray, threshold: float) 
     return int(steps[hits[0]]) if len(hits) else None
 
 
+def drop_after_threshold(values: list[float | None], threshold: float) -> float | None:
+    """How far the curve fell after first reaching ``threshold`` ("stays solved"): the
+    largest fall from its best value so far to a later one, over the updates from the first
+    at the threshold on (0: never fell); None if it never reached the threshold. Updates
+    without a value (no episode ended) are skipped."""
+    seen = [v for v in values if v is not None]
+    first = next((i for i, v in enumerate(seen) if v >= threshold), None)
+    if first is None:
+        return None
+    after = np.asarray(seen[first:], dtype=float)
+    return float(np.max(np.maximum.accumulate(after) - after))
+
+
 def seconds_to_step(step: int | None, seconds: tuple[np.ndarray, np.ndarray]) -> float | None:
     """The training seconds (``seconds``: steps and per-update seconds) summed over the
     updates up to and including ``step``; None for None."""
@@ -640,6 +654,9 @@ def aggregate_group(task: Task, backbone: str, group: list[dict]) -> dict:
     seconds = [r["seconds_to_threshold"] for r in group
                if r.get("seconds_to_threshold") is not None]
     mmers = [r["mmer"] for r in group if r["mmer"] is not None]
+    drop_per_seed = [drop_after_threshold(r["curve"][task.metric], task.threshold)
+                     for r in group]
+    drops = [d for d in drop_per_seed if d is not None]
     sps = [r["sps"] for r in group if r["sps"] is not None]
     wall = [r["wall_clock_seconds"] for r in group if r["wall_clock_seconds"] is not None]
     return {
@@ -652,6 +669,9 @@ def aggregate_group(task: Task, backbone: str, group: list[dict]) -> dict:
         "mmer": float(np.mean(mmers)) if mmers else None,
         "steps_to_threshold": float(np.mean(reached)) if reached else None,
         "reached_threshold": len(reached),
+        "drop_per_seed": drop_per_seed,  # None: that seed never reached the threshold
+        "largest_drop": max(drops) if drops else None,
+        "drops_above_tolerance": sum(d > DROP_TOLERANCE for d in drops),
         "seconds_to_threshold": float(np.mean(seconds)) if seconds else None,
         "sps": float(np.mean(sps)) if sps else None,
         "wall_clock_seconds": float(np.mean(wall)) if wall else None,
@@ -671,6 +691,13 @@ def _steps(x: float | None) -> str:
     return f"{x / 1e3:.0f}k" if x >= 1e3 else f"{x:.0f}"
 
 
+def _drop(row: dict) -> str:
+    if row.get("largest_drop") is None:
+        return "-"
+    measured = sum(d is not None for d in row["drop_per_seed"])
+    return f"{row['largest_drop']:.2f} ({row['drops_above_tolerance']}/{measured})"
+
+
 def _duration(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -682,7 +709,9 @@ def markdown_table(rows: list[dict], suite: Suite) -> str:
     """The table: per task and backbone, over seeds."""
     references = {row["task"]: row["reference"] for row in rows if row["reference"]}
     header = ["task", "backbone", "seeds", "final greedy (95% CI)", "MMER",
-              "steps to threshold (seeds)", "time to threshold", "steps/s", "wall-clock / run"]
+              "steps to threshold (seeds)", "time to threshold",
+              f"drop after threshold (seeds > {DROP_TOLERANCE:g})", "steps/s",
+              "wall-clock / run"]
     if references:
         header.append(suite.reference_column)
     lines = ["| " + " | ".join(header) + " |",
@@ -697,7 +726,7 @@ def markdown_table(rows: list[dict], suite: Suite) -> str:
                   f"{len(row['seeds'])})"
         cells = [f"{row['task']} ({task.metric}, {_steps(task.budget)})", row["backbone"],
                  str(len(row["seeds"])), final, _num(row["mmer"]), reached,
-                 _duration(row.get("seconds_to_threshold")),
+                 _duration(row.get("seconds_to_threshold")), _drop(row),
                  f"{row['sps']:,.0f}" if row["sps"] else "-",
                  _duration(row["wall_clock_seconds"])]
         if references:
@@ -716,6 +745,11 @@ def markdown_table(rows: list[dict], suite: Suite) -> str:
         "(return for tasks without success) of an update reached the task's threshold; the mean "
         "over the seeds that reached it, and how many did; time to threshold: the training "
         "seconds (rollout + update of one thread) up to that update, mean over the same seeds.",
+        "- drop after threshold (stays solved): per run that reached the threshold, the "
+        "largest fall of the same training curve from its best value so far to a later "
+        "update's, after first reaching it; the worst of the seeds, and how many fell by more "
+        f"than {DROP_TOLERANCE:g}. Each point is one update's episodes, so it includes their "
+        "sampling noise.",
         "- steps/s: environment steps per second of training (rollout + update, one thread "
         "per run); wall-clock / run includes start-up and the final evaluation.",
     ]

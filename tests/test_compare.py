@@ -13,6 +13,7 @@ from benchmarks.compare import (
     Run,
     aggregate,
     check_runs,
+    drop_after_threshold,
     load_suite,
     main,
     markdown_table,
@@ -111,6 +112,15 @@ def test_steps_to_threshold_is_the_first_logged_step_that_reaches_it():
     assert steps_to_threshold(steps, np.array([-1.0, -0.2, 0.1, 0.0]), 0.0) == 12288
 
 
+def test_drop_after_threshold_is_the_largest_fall_from_the_best_so_far_after_reaching_it():
+    assert drop_after_threshold([0.2, 0.95, 1.0, 0.6, 0.9, 0.4, 1.0], 0.9) == pytest.approx(0.6)
+    assert drop_after_threshold([0.9, 0.1], 0.9) == pytest.approx(0.8)
+    # a fall before the threshold does not count; an update without episodes is skipped
+    assert drop_after_threshold([0.8, 0.1, 0.92, None, 0.95, 1.0], 0.9) == 0.0
+    assert drop_after_threshold([0.5, 0.89, None], 0.9) is None  # never reached
+    assert drop_after_threshold([-1.0, 0.95, -0.5], 0.9) == pytest.approx(1.45)  # returns
+
+
 def fake_result(task, backbone, seed, final, mmer_value, reached):
     return {"task": task, "backbone": backbone, "seed": seed, "budget": 1000,
             "final": {"success": final, "return": final}, "mmer": mmer_value,
@@ -132,7 +142,14 @@ def test_table_aggregates_seeds_mmer_and_steps_to_threshold(tmp_path):
     assert trxl["steps_to_threshold"] == 500 and trxl["reached_threshold"] == 2
     assert trxl["sps"] == 200.0
     assert none["final_ci95"] is None and none["reached_threshold"] == 0
+    # curves 0.5 -> final: seeds 1 and 3 reached 0.9 at their last update, nothing fell after
+    assert trxl["drop_per_seed"] == [0.0, 0.0, 0.0] and trxl["drops_above_tolerance"] == 0
+    assert none["largest_drop"] is None
+    results[0]["curve"]["success"] = [0.95, 0.5]  # seed 1 solved, then fell
+    trxl, none = aggregate(results, suite)
+    assert trxl["largest_drop"] == pytest.approx(0.45) and trxl["drops_above_tolerance"] == 1
     table = markdown_table([trxl, none], suite)
+    assert "| 0.45 (1/3) |" in table and "| - (0/1) | - | - |" in table
     assert "| 0.97 [0.82, 1.00] | 0.90 | 500 (2/3) |" in table
     assert "| 0.50 | 0.50 | - (0/1) |" in table
 
