@@ -53,25 +53,26 @@ def test_without_a_target_the_rate_is_the_schedule():
     assert rate.factor == 1.0 and rates(optimizer) == [1e-3]
 
 
-def updated_twice(rollback_kl):
-    """A real rollout, one plain update (so Adam has moments), then a second update with
-    ``rollback_kl``; returns what was before the second update, the agent, the optimizer
-    and the second update's scalars."""
-    cfg = small_config()
+def updated(rollback_kl, warm_up=True, **overrides):
+    """A real rollout, one plain update if ``warm_up`` (so Adam has moments), then an update
+    with ``rollback_kl``; returns the weights and Adam state before that update, the agent,
+    the optimizer and the update's scalars."""
+    cfg = small_config(**overrides)
     agent, rollout = collect_once(cfg)
     rollout.compute_returns(torch.zeros(cfg.env.num_envs), cfg.ppo.gamma, cfg.ppo.gae_lambda)
     optimizer = make_optimizer(cfg, agent)
-    ppo_update(agent.train(), optimizer, rollout, cfg.ppo, 0.0)
+    if warm_up:
+        ppo_update(agent.train(), optimizer, rollout, cfg.ppo, 0.0)
     before = ({k: v.clone() for k, v in agent.state_dict().items()},
               {p: {k: v.clone() for k, v in s.items()} for p, s in
                optimizer.state_dict()["state"].items()})
-    stats = ppo_update(agent, optimizer, rollout,
+    stats = ppo_update(agent.train(), optimizer, rollout,
                        dataclasses.replace(cfg.ppo, rollback_kl=rollback_kl), 0.0)
     return before, agent, optimizer, stats
 
 
 def test_an_update_whose_kl_passes_rollback_kl_is_undone_weights_and_adam_state():
-    (weights, adam), agent, optimizer, stats = updated_twice(rollback_kl=1e-12)
+    (weights, adam), agent, optimizer, stats = updated(rollback_kl=1e-12)
     assert stats["losses/rolled_back"] == 1.0
     assert stats["losses/minibatch_updates"] < 4  # the update stopped where the KL passed
     for key, value in agent.state_dict().items():
@@ -84,8 +85,22 @@ def test_an_update_whose_kl_passes_rollback_kl_is_undone_weights_and_adam_state(
     assert rates(optimizer) == pytest.approx([3e-4 / 1.5])  # and the rate slowed
 
 
+def test_the_last_step_is_measured_too_an_update_of_one_step_can_be_undone():
+    # One epoch of one minibatch: its KL before the step is ~0 (the rollout's own policy),
+    # so only the KL after the update can pass the bound.
+    (weights, adam), agent, optimizer, stats = updated(
+        rollback_kl=1e-6, warm_up=False, **{"ppo.epochs": 1, "ppo.minibatches": 1})
+    assert stats["losses/first_minibatch_approx_kl"] < 1e-6
+    assert stats["diagnostics/approx_kl_after_update"] > 1e-6
+    assert stats["losses/rolled_back"] == 1.0 and stats["losses/minibatch_updates"] == 1
+    for key, value in agent.state_dict().items():
+        assert torch.equal(value, weights[key]), key
+    assert adam == {} and optimizer.state_dict()["state"] == {}  # as before its first step
+    assert rates(optimizer) == pytest.approx([3e-4 / 1.5])
+
+
 def test_an_update_within_rollback_kl_is_kept():
-    (weights, _), agent, optimizer, stats = updated_twice(rollback_kl=10.0)
+    (weights, _), agent, optimizer, stats = updated(rollback_kl=10.0)
     assert stats["losses/rolled_back"] == 0.0 and stats["losses/minibatch_updates"] == 4
     assert any(not torch.equal(v, weights[k]) for k, v in agent.state_dict().items())
     assert rates(optimizer) == [3e-4]

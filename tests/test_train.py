@@ -419,7 +419,8 @@ def test_time_to_threshold_is_logged_kept_in_the_summary_and_survives_a_resume(t
 
 @pytest.mark.parametrize("backbone", ["trxl", "gru"])
 def test_collapse_diagnostics_are_written_every_update(tmp_path, backbone):
-    """docs/diagnostics.md: the last minibatch's KL, value/return/advantage scale, gradient
+    """docs/diagnostics.md: the last minibatch's KL before its step and after the update,
+    value/return/advantage scale, gradient
     norm per part and, for a Transformer-XL, attention entropy and largest logit per layer."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -427,7 +428,8 @@ def test_collapse_diagnostics_are_written_every_update(tmp_path, backbone):
     events = EventAccumulator(str(tmp_path / "d"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    expected = {"diagnostics/last_minibatch_approx_kl", "diagnostics/value_mean",
+    expected = {"diagnostics/last_minibatch_approx_kl", "diagnostics/approx_kl_after_update",
+                "diagnostics/value_mean",
                 "diagnostics/value_std", "diagnostics/return_mean", "diagnostics/return_std",
                 "diagnostics/advantage_std", "diagnostics/grad_norm_encoder",
                 "diagnostics/grad_norm_memory", "diagnostics/grad_norm_heads"}
@@ -442,6 +444,7 @@ def test_collapse_diagnostics_are_written_every_update(tmp_path, backbone):
              for p in ("encoder", "memory", "heads")]
     total = events.Scalars("losses/grad_norm")[0].value
     assert all(p > 0 for p in parts) and max(parts) <= total + 1e-4
+    assert events.Scalars("diagnostics/approx_kl_after_update")[0].value > 0  # it moved
     if backbone == "trxl":  # M = 4: at most log(5) nats over a full window
         for i in (0, 1):
             entropy = events.Scalars(f"diagnostics/attention_entropy_layer{i}")[0].value

@@ -108,9 +108,9 @@ def ppo_update(agent: nn.Module, optimizer: torch.optim.Optimizer, rollout: Roll
     ``rate`` (the optimizer's :class:`LearningRate`, carried from update to update; None: a
     new one, from the optimizer's current rate) follows every minibatch's KL; with
     ``rollback_kl`` the weights and optimizer state are copied before the first step and
-    restored when a minibatch's KL (measured before its step) passes it: that minibatch is
-    not stepped, ``losses/rolled_back`` is 1 and the update's losses are those of the
-    minibatches it measured.
+    restored when a minibatch's KL (measured before its step; that minibatch is then not
+    stepped) or the last minibatch's KL after the update passes it: ``losses/rolled_back``
+    is 1 and the update's losses are those of the minibatches it measured.
 
     :return: scalars keyed by their TensorBoard names.
     """
@@ -123,7 +123,7 @@ def ppo_update(agent: nn.Module, optimizer: torch.optim.Optimizer, rollout: Roll
     clip = cfg.clip_coef
     sums: dict[str, torch.Tensor] = {}  # summed on the device: one host sync per update
     part_sums: dict[str, torch.Tensor] = {}  # the gradient norm per part of the agent
-    count = 0
+    count = steps = 0  # minibatches measured, optimizer steps taken
     first: dict[str, float] = {}
     stop = False
     for _ in range(cfg.epochs):
@@ -178,6 +178,7 @@ def ppo_update(agent: nn.Module, optimizer: torch.optim.Optimizer, rollout: Roll
                 sums[key] = sums.get(key, 0.0) + value.detach()
             last_kl = approx_kl
             count += 1
+            steps += not undo
             if undo:  # this minibatch measured and logged, not stepped; the update undone
                 _restore_training_state(agent, optimizer, before)
                 rate.slow_down(optimizer)
@@ -190,6 +191,15 @@ def ppo_update(agent: nn.Module, optimizer: torch.optim.Optimizer, rollout: Roll
                 break
         if stop:
             break
+    # The last step is measured too: the KL after the update, on its last minibatch (of an
+    # update undone midway: the KL that undid it).
+    kl_after = last_kl
+    if not rolled_back:
+        kl_after = kl_of(agent, mb)
+        if before is not None and (ranks.sum(kl_after) / ranks.world_size) > cfg.rollback_kl:
+            _restore_training_state(agent, optimizer, before)
+            rate.slow_down(optimizer)
+            rolled_back = True
 
     values = ranks.all_gather(rollout.values.flatten())
     returns = ranks.all_gather(rollout.returns.flatten())
@@ -198,9 +208,9 @@ def ppo_update(agent: nn.Module, optimizer: torch.optim.Optimizer, rollout: Roll
     stats = {f"losses/{key}": total.item() / count for key, total in sums.items()}
     stats.update({f"losses/first_minibatch_{key}": value for key, value in first.items()})
     stats["losses/explained_variance"] = explained
-    stats["losses/minibatch_updates"] = float(count - rolled_back)  # optimizer steps taken
+    stats["losses/minibatch_updates"] = float(steps)  # taken, whether undone or not
     stats["losses/rolled_back"] = float(rolled_back)
-    stats.update(diagnostics(agent, rollout, mb, last_kl, values, returns,
+    stats.update(diagnostics(agent, rollout, mb, last_kl, kl_after, values, returns,
                              {f"grad_norm_{name}": total.item() / count
                               for name, total in part_sums.items()}))
     return stats
@@ -220,16 +230,28 @@ def _restore_training_state(agent: nn.Module, optimizer: torch.optim.Optimizer,
     agent.weights_changed()  # caches built with the undone weights are stale
 
 
-def diagnostics(agent: nn.Module, rollout: Rollout, last, last_kl: Tensor, values: Tensor,
-                returns: Tensor, grad_norms: dict[str, float]) -> dict[str, float]:
+def kl_of(agent: nn.Module, mb) -> Tensor:
+    """The k3 approx_kl of the agent's policy now against the rollout's, on minibatch ``mb``
+    (a forward pass without gradients)."""
+    with torch.no_grad():
+        out = agent.evaluate(mb.obs, mb.actions, mb.memory, mb.episode_start)
+        log_ratio = out.log_prob - mb.log_probs
+        return ((log_ratio.exp() - 1) - log_ratio).mean()
+
+
+def diagnostics(agent: nn.Module, rollout: Rollout, last, last_kl: Tensor, kl_after: Tensor,
+                values: Tensor, returns: Tensor, grad_norms: dict[str, float]
+                ) -> dict[str, float]:
     """What explains an update that goes wrong, cheap enough to log every update
     (``diagnostics/*``; docs/diagnostics.md says how to read them): the KL of the last
-    minibatch (after all but one optimizer step, where a collapse shows), the scale of the
+    minibatch before its step (after all but one optimizer step, where a collapse shows) and
+    after the update (``kl_after``, before the undo of a rolled-back one), the scale of the
     values and returns (all ranks' rollouts, ``values``/``returns`` ``[T * B]``), the
     advantages' spread, the gradient norm per part before clipping (mean over minibatches),
     and the memory's own (:meth:`~trxl_rl.memory.MemoryBackbone.diagnostics`, on the last
     minibatch ``last`` after the update)."""
     out = {"diagnostics/last_minibatch_approx_kl": last_kl.item(),
+           "diagnostics/approx_kl_after_update": kl_after.item(),
            "diagnostics/value_mean": values.mean().item(),
            "diagnostics/value_std": values.std().item(),
            "diagnostics/return_mean": returns.mean().item(),
