@@ -118,7 +118,7 @@ def ppo_update(agent: nn.Module, optimizer: torch.optim.Optimizer, rollout: Roll
     if rate is None:
         rate = LearningRate(cfg.lr_target_kl)
         rate.scheduled = optimizer.param_groups[0]["lr"]
-    before = _training_state(agent, optimizer) if cfg.rollback_kl is not None else None
+    rollback = Rollback(agent, optimizer, rate, cfg.rollback_kl)
     rolled_back = False
     clip = cfg.clip_coef
     sums: dict[str, torch.Tensor] = {}  # summed on the device: one host sync per update
@@ -165,7 +165,7 @@ def ppo_update(agent: nn.Module, optimizer: torch.optim.Optimizer, rollout: Roll
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             (mean_kl,) = ranks.average_gradients(agent.parameters(), approx_kl)
-            undo = before is not None and mean_kl.item() > cfg.rollback_kl
+            undo = rollback.passed(mean_kl)
             for name, norm in agent.gradient_norms().items():
                 part_sums[name] = part_sums.get(name, 0.0) + norm
             grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), cfg.max_grad_norm)
@@ -180,8 +180,7 @@ def ppo_update(agent: nn.Module, optimizer: torch.optim.Optimizer, rollout: Roll
             count += 1
             steps += not undo
             if undo:  # this minibatch measured and logged, not stepped; the update undone
-                _restore_training_state(agent, optimizer, before)
-                rate.slow_down(optimizer)
+                rollback.undo()
                 rolled_back = stop = True
                 break
             if rate.target_kl is not None:
@@ -196,9 +195,8 @@ def ppo_update(agent: nn.Module, optimizer: torch.optim.Optimizer, rollout: Roll
     kl_after = last_kl
     if not rolled_back:
         kl_after = kl_of(agent, mb)
-        if before is not None and (ranks.sum(kl_after) / ranks.world_size) > cfg.rollback_kl:
-            _restore_training_state(agent, optimizer, before)
-            rate.slow_down(optimizer)
+        if rollback.passed(kl_after, ranks):
+            rollback.undo()
             rolled_back = True
 
     values = ranks.all_gather(rollout.values.flatten())
@@ -216,18 +214,32 @@ def ppo_update(agent: nn.Module, optimizer: torch.optim.Optimizer, rollout: Roll
     return stats
 
 
-def _training_state(agent: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """Copies of the weights and the optimizer state, to undo an update with."""
-    return ({k: v.clone() for k, v in agent.state_dict().items()},
-            copy.deepcopy(optimizer.state_dict()))
+class Rollback:
+    """Undoes an update whose KL passes ``bound`` (``ppo.rollback_kl``; None: never): keeps
+    copies of the weights and the optimizer state from before the update (~3x the model's
+    size) and restores them, slowing ``rate`` by one step."""
 
+    def __init__(self, agent: nn.Module, optimizer: torch.optim.Optimizer, rate: LearningRate,
+                 bound: float | None) -> None:
+        self.agent, self.optimizer, self.rate, self.bound = agent, optimizer, rate, bound
+        self.weights = self.optimizer_state = None
+        if bound is not None:
+            self.weights = {k: v.clone() for k, v in agent.state_dict().items()}
+            self.optimizer_state = copy.deepcopy(optimizer.state_dict())
 
-def _restore_training_state(agent: nn.Module, optimizer: torch.optim.Optimizer,
-                            state: tuple[dict, dict]) -> None:
-    weights, optimizer_state = state
-    agent.load_state_dict(weights)
-    optimizer.load_state_dict(optimizer_state)
-    agent.weights_changed()  # caches built with the undone weights are stale
+    def passed(self, kl: Tensor, ranks: Ranks | None = None) -> bool:
+        """Whether ``kl`` (averaged over ``ranks`` where given) is past the bound."""
+        if self.bound is None:
+            return False
+        if ranks is not None and ranks.distributed:
+            kl = ranks.sum(kl) / ranks.world_size
+        return kl.item() > self.bound
+
+    def undo(self) -> None:
+        self.agent.load_state_dict(self.weights)
+        self.optimizer.load_state_dict(self.optimizer_state)
+        self.agent.weights_changed()  # caches built with the undone weights are stale
+        self.rate.slow_down(self.optimizer)
 
 
 def kl_of(agent: nn.Module, mb) -> Tensor:
