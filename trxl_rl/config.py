@@ -113,8 +113,8 @@ class PPOConfig:
     passed it; ``lr_target_kl`` makes the learning rate follow the KL (slower while it is
     above twice this, back up to the schedule while below half; see
     :class:`trxl_rl.ppo.LearningRate`); ``rollback_kl`` undoes an update in which a
-    minibatch's KL passed it (weights and optimizer state as before the update, and the rate
-    slowed).
+    minibatch's KL, or the KL after its last step, passed it (weights and optimizer state as
+    before the update, and the rate slowed: :class:`trxl_rl.ppo.Rollback`).
     """
 
     rollout_steps: int = 256
