@@ -136,7 +136,7 @@ def ppo_update(agent: nn.Module, optimizer: torch.optim.Optimizer, rollout: Roll
             log_ratio = out.log_prob - mb.log_probs
             ratio = log_ratio.exp()
             with torch.no_grad():
-                approx_kl = ((ratio - 1) - log_ratio).mean()  # k3 estimator (Schulman 2020)
+                approx_kl = k3_kl(log_ratio)
                 clipfrac = ((ratio - 1).abs() > clip).float().mean()
             if not first:
                 first = {
@@ -242,13 +242,18 @@ class Rollback:
         self.rate.slow_down(self.optimizer)
 
 
+def k3_kl(log_ratio: Tensor) -> Tensor:
+    """The k3 estimate of KL(old || new) from ``log_ratio`` = log pi_new - log pi_old of the
+    old policy's samples (Schulman 2020): the mean of ``(ratio - 1) - log_ratio``."""
+    return ((log_ratio.exp() - 1) - log_ratio).mean()
+
+
 def kl_of(agent: nn.Module, mb) -> Tensor:
     """The k3 approx_kl of the agent's policy now against the rollout's, on minibatch ``mb``
     (a forward pass without gradients)."""
     with torch.no_grad():
         out = agent.evaluate(mb.obs, mb.actions, mb.memory, mb.episode_start)
-        log_ratio = out.log_prob - mb.log_probs
-        return ((log_ratio.exp() - 1) - log_ratio).mean()
+        return k3_kl(out.log_prob - mb.log_probs)
 
 
 def diagnostics(agent: nn.Module, rollout: Rollout, last, last_kl: Tensor, kl_after: Tensor,
