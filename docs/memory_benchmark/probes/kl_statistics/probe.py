@@ -3,8 +3,11 @@
 Records, for every k3 estimate the update makes (each minibatch before its step, and the KL
 after the update), the mean, quantiles and max of the per-sample k3 and the mean over the
 samples whose old probability of the taken action was above 0.5 ("confident decisions")."""
-import json, sys
+import json
+import sys
+
 import torch
+
 import trxl_rl.ppo as ppo
 import trxl_rl.train as train
 from trxl_rl.rollout import Rollout
@@ -30,13 +33,14 @@ def k3_kl(log_ratio):
         lr = log_ratio.detach().flatten()
         per = (lr.exp() - 1) - lr
         old = state["mb"].log_probs.flatten()
+        adv = state["mb"].advantages.flatten().abs()
         conf = old > torch.log(torch.tensor(0.5))
         q = torch.quantile(per, torch.tensor([0.5, 0.9, 0.99]))
         records.append({"update": state["update"], "mean": per.mean().item(),
                         "q50": q[0].item(), "q90": q[1].item(), "q99": q[2].item(),
                         "max": per.max().item(),
                         "confident_share": conf.float().mean().item(),
-                        "adv_weighted": ((per * state["mb"].advantages.flatten().abs()).sum() / state["mb"].advantages.abs().sum().clamp_min(1e-12)).item(),
+                        "adv_weighted": ((per * adv).sum() / adv.sum().clamp_min(1e-12)).item(),
                         "confident_mean": per[conf].mean().item() if conf.any() else 0.0})
     return orig_k3(log_ratio)
 ppo.k3_kl = k3_kl

@@ -52,5 +52,6 @@ for path in sorted(probe.glob("*__s*.json")):
 print("| run | bad updates | healthy | " + " | ".join(STATS) + " |")
 print("|---|--:|--:|" + "---|" * len(STATS))
 for name, nb, nh, sep in rows:
-    cells = [f"{lo:.3g} / {hi:.3g}" + (" **separates**" if lo > hi else "") for lo, hi in sep.values()]
+    cells = [f"{lo:.3g} / {hi:.3g}" + (" **separates**" if lo > hi else "")
+             for lo, hi in sep.values()]
     print(f"| {name} | {nb} | {nh} | " + " | ".join(cells) + " |")
