@@ -1,7 +1,7 @@
 """Agents: observation encoder + memory backbone + policy/value heads."""
 
 from .agent import ActOutput, EvalOutput, MemoryAgent, build_agent
-from .distributions import action_dtype, action_shape, make_action_head
+from .distributions import action_dtype, action_shape, continuous_actions, make_action_head
 from .encoders import make_encoder
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "action_dtype",
     "action_shape",
     "build_agent",
+    "continuous_actions",
     "make_action_head",
     "make_encoder",
 ]

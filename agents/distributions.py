@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -110,7 +111,12 @@ class CategoricalDistribution(ActionDistribution):
 
 
 class ActionHead(nn.Module, ABC):
-    """Features ``[B, in_dim]`` -> :class:`ActionDistribution` for one kind of action space."""
+    """Features ``[B, in_dim]`` -> :class:`ActionDistribution` for one kind of action space.
+
+    ``continuous``: its actions are real numbers (a density, not a probability per action).
+    """
+
+    continuous: ClassVar[bool] = False
 
     @staticmethod
     @abstractmethod
@@ -257,6 +263,8 @@ class GaussianHead(ActionHead):
     (see the module docstring).
     """
 
+    continuous = True
+
     def __init__(self, space: spaces.Box, in_dim: int) -> None:
         super().__init__()
         self.shape = tuple(space.shape)
@@ -312,3 +320,8 @@ def action_dtype(space: spaces.Space) -> torch.dtype:
     """Torch dtype to store actions of ``space`` in (int64 for the discrete spaces, float32
     for ``Box``)."""
     return _head_class(space).action_dtype(space)
+
+
+def continuous_actions(space: spaces.Space) -> bool:
+    """Whether ``space``'s actions are real numbers (``Box``: a Gaussian head)."""
+    return _head_class(space).continuous

@@ -73,6 +73,7 @@ def profile(preset: str, overrides: dict, updates: int, threads: int) -> tuple[d
     import trxl_rl.envs as envs_module
     import trxl_rl.train as train_module
     from benchmarks.run import training_pieces
+    from trxl_rl.agents import continuous_actions
     from trxl_rl.config import build_config, preset_path, read_yaml
     from trxl_rl.train import EpisodeLog, iteration
 
@@ -82,8 +83,10 @@ def profile(preset: str, overrides: dict, updates: int, threads: int) -> tuple[d
     envs, agent, optimizer, rollout, carry, shuffle = training_pieces(cfg, device, seed=0)
     steps = updates * cfg.env.num_envs * cfg.ppo.rollout_steps
 
+    entropy_coef = cfg.ppo.initial_entropy_coef(continuous_actions(envs.single_action_space))
+
     def run_iteration(carry):
-        return iteration(agent, optimizer, envs, rollout, carry, cfg.ppo, cfg.ppo.entropy_coef,
+        return iteration(agent, optimizer, envs, rollout, carry, cfg.ppo, entropy_coef,
                          shuffle, EpisodeLog(), device)[0]
 
     carry = run_iteration(carry)  # warm-up

@@ -127,6 +127,7 @@ def measure(spec: dict, device: str, threads: int | None, ranks=None) -> dict:
     import numpy as np
     import torch
 
+    from trxl_rl.agents import continuous_actions
     from trxl_rl.config import build_config, preset_path, read_yaml, resolve_device
     from trxl_rl.distributed import Ranks
     from trxl_rl.train import EpisodeLog, iteration, reduction
@@ -144,11 +145,12 @@ def measure(spec: dict, device: str, threads: int | None, ranks=None) -> dict:
     envs, agent, optimizer, rollout, carry, shuffle = training_pieces(
         cfg, dev, seed, spec.get("state", {}))
     ranks.broadcast_parameters(agent)
+    entropy_coef = cfg.ppo.initial_entropy_coef(continuous_actions(envs.single_action_space))
     totals = {"env": 0.0, "inference": 0.0, "update": 0.0}
     rss_trace, kl = [], []
     for i in range(spec["updates"] + 1):
         carry, stats = iteration(agent, optimizer, envs, rollout, carry, cfg.ppo,
-                                 cfg.ppo.entropy_coef, shuffle, EpisodeLog(), dev, ranks)
+                                 entropy_coef, shuffle, EpisodeLog(), dev, ranks)
         stats = ranks.reduce_scalars(stats, {key: reduction(key) for key in stats})
         kl.append(stats["losses/first_minibatch_approx_kl"])
         if spec.get("rss_trace"):

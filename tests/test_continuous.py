@@ -11,7 +11,7 @@ import pytest
 import torch
 from gymnasium import spaces
 
-from trxl_rl.agents import action_dtype, action_shape, make_action_head
+from trxl_rl.agents import action_dtype, action_shape, continuous_actions, make_action_head
 from trxl_rl.agents.distributions import GaussianDistribution, GaussianHead
 from trxl_rl.checkpoint import load_checkpoint
 from trxl_rl.config import build_config
@@ -177,11 +177,24 @@ def test_short_pendulum_run_reproduces_its_rollouts_and_evaluates_with_the_mean(
         assert s["losses/first_minibatch_approx_kl"] < 1e-6
         assert np.isfinite(s["losses/policy_loss"]) and np.isfinite(s["losses/value_loss"])
     assert any("charts/episodic_return" in s for s in stats)  # 200-step episodes ended
+    assert all(s["charts/entropy_coef"] == 0.0 for s in stats)  # no bonus for a Gaussian
     assert summary["episodes"] == 2 and summary["eval_deterministic"]
     # Greedy evaluation: the mean at each of the 200 steps (2 envs, one batched call a step).
     assert calls["sample"] == 0 and calls["mode"] == 200
     checkpoint = load_checkpoint(tmp_path / os.listdir(tmp_path)[0])
     assert checkpoint["spaces"]["action"]["type"] == "Box"
+
+
+def test_the_entropy_bonus_defaults_to_zero_for_continuous_actions_only():
+    default = build_config({})
+    assert default.ppo.entropy_coef is None
+    assert default.ppo.initial_entropy_coef(continuous=True) == 0.0
+    assert default.ppo.initial_entropy_coef(continuous=False) == 0.02
+    explicit = build_config({}, {"ppo.entropy_coef": 0.01})
+    assert explicit.ppo.initial_entropy_coef(True) == 0.01
+    assert explicit.ppo.initial_entropy_coef(False) == 0.01
+    assert continuous_actions(BOX) and not continuous_actions(spaces.Discrete(3))
+    assert not continuous_actions(spaces.MultiDiscrete([3, 3]))
 
 
 def test_cli_trains_pendulum_with_the_default_model(tmp_path, capsys):

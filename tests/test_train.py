@@ -348,13 +348,18 @@ def test_cli_trains_from_any_directory_and_writes_logs_config_and_checkpoints(tm
 def test_the_defaults_are_the_minigrid_memory_preset_so_any_env_id_starts_from_them():
     defaults = build_config()
     preset = build_config(read_yaml(preset_path("MiniGrid-Memory")))
-    assert defaults.model == preset.model and defaults.ppo == preset.ppo
+    # The preset says its entropy bonus; the default is the same one for discrete actions
+    # (and none for continuous ones: test_continuous.py).
+    assert preset.ppo.entropy_coef == defaults.ppo.initial_entropy_coef(continuous=False)
+    assert defaults.model == preset.model
+    assert dataclasses.replace(defaults.ppo, entropy_coef=preset.ppo.entropy_coef) == preset.ppo
     assert defaults.total_steps == preset.total_steps
     assert (defaults.env.id, defaults.env.num_envs) == (preset.env.id, preset.env.num_envs)
     # A gymnasium id without a preset of its own gets exactly these settings.
     args, overrides = parse_args(["--env", "CartPole-v1"])
     cfg = resolve_config(args, overrides)
-    assert cfg.env.id == "CartPole-v1" and cfg.model == preset.model and cfg.ppo == preset.ppo
+    assert cfg.env.id == "CartPole-v1" and cfg.model == preset.model
+    assert cfg.ppo == defaults.ppo
 
 
 def test_one_torch_thread_by_default_and_null_is_torchs_own_default():

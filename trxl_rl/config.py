@@ -115,6 +115,13 @@ class PPOConfig:
     :class:`trxl_rl.ppo.LearningRate`); ``rollback_kl`` undoes an update in which a
     minibatch's KL, or the KL after its last step, passed it (weights and optimizer state as
     before the update, and the rate slowed: :class:`trxl_rl.ppo.Rollback`).
+
+    ``entropy_coef`` None (the default) is 0.02 for discrete actions and 0 for continuous
+    ones (:meth:`initial_entropy_coef`): a Gaussian's entropy grows with its log-std at a
+    constant rate, so a bonus keeps the policy as wide as it outweighs the task's rewards,
+    and its mean, the greedy action, is then a worse controller than its samples (measured
+    on POPGym's PositionOnlyPendulumEasy: benchmarks/README.md). CleanRL's and Stable
+    Baselines3's continuous PPO use no bonus either.
     """
 
     rollout_steps: int = 256
@@ -126,7 +133,7 @@ class PPOConfig:
     clip_coef: float = 0.1
     clip_value_loss: bool = False
     value_coef: float = 0.5
-    entropy_coef: float = 0.02
+    entropy_coef: float | None = None  # None: 0.02 for discrete actions, 0 for continuous
     entropy_coef_final: float | None = None  # None: constant; else linear to this value
     learning_rate: float = 3e-4
     learning_rate_final: float | None = None  # None: constant; else linear to this value
@@ -138,6 +145,13 @@ class PPOConfig:
     lr_target_kl: float | None = None
     rollback_kl: float | None = None
     reconstruction_coef: float = 0.0  # > 0: the agent gets an image decoder (image obs only)
+
+    def initial_entropy_coef(self, continuous: bool) -> float:
+        """The entropy bonus at the start of training, for discrete or ``continuous``
+        actions: ``entropy_coef``, or its default where that is None."""
+        if self.entropy_coef is not None:
+            return self.entropy_coef
+        return 0.0 if continuous else 0.02
 
 
 @dataclass
@@ -234,7 +248,7 @@ class TrainConfig:
             "ppo.reconstruction_coef": ppo.reconstruction_coef,
         }
         for name, value in non_negative.items():
-            if value < 0:
+            if value is not None and value < 0:
                 raise ConfigError(f"{name} must be >= 0, got {value}")
         for name in ("gamma", "gae_lambda"):
             if not 0.0 <= getattr(ppo, name) <= 1.0:

@@ -176,11 +176,13 @@ class Carry(NamedTuple):
     episode_start: Tensor  # [B] bool: the next step is the first of an episode
 
 
-def schedules(ppo: PPOConfig, progress: float) -> tuple[float, float]:
+def schedules(ppo: PPOConfig, progress: float, continuous: bool) -> tuple[float, float]:
     """The learning rate and the entropy coefficient of an update, at ``progress`` (the
-    fraction of the run's updates done before it) of their linear schedules."""
+    fraction of the run's updates done before it) of their linear schedules; ``continuous``:
+    the actions are (the entropy bonus's default depends on it)."""
     return (linear_schedule(ppo.learning_rate, ppo.learning_rate_final, progress),
-            linear_schedule(ppo.entropy_coef, ppo.entropy_coef_final, progress))
+            linear_schedule(ppo.initial_entropy_coef(continuous), ppo.entropy_coef_final,
+                            progress))
 
 
 def make_optimizer(cfg: TrainConfig, agent) -> torch.optim.Optimizer:
@@ -276,7 +278,7 @@ def train(cfg: TrainConfig, on_update: Callable[[int, dict[str, float]], None] |
         progress was finished and a checkpoint written first.
     :raises RankLost: another rank died or stopped answering.
     """
-    from trxl_rl.agents import action_dtype, action_shape, build_agent
+    from trxl_rl.agents import action_dtype, action_shape, build_agent, continuous_actions
     from trxl_rl.envs import episode_metric_names, make_vector_env
 
     ranks = ranks or Ranks()
@@ -352,7 +354,8 @@ def train(cfg: TrainConfig, on_update: Callable[[int, dict[str, float]], None] |
         stop = StopOnSignal(announce=ranks.main).install()
         try:
             for update in range(first_update, num_updates + 1):
-                lr, entropy_coef = schedules(cfg.ppo, (update - 1) / num_updates)
+                lr, entropy_coef = schedules(cfg.ppo, (update - 1) / num_updates,
+                                             continuous_actions(act_space))
                 rate.start_update(optimizer, lr)
                 carry, stats = iteration(agent, optimizer, envs, rollout,
                                          Carry(obs, state, episode_start), cfg.ppo,
