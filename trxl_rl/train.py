@@ -295,6 +295,7 @@ def train(cfg: TrainConfig, on_update: Callable[[int, dict[str, float]], None] |
 
     envs = make_vector_env(cfg.env.id, b, cfg.env.vectorization, replay=True, **cfg.env.kwargs)
     obs_space, act_space = envs.single_observation_space, envs.single_action_space
+    continuous = continuous_actions(act_space)
     agent = build_agent(cfg, obs_space, act_space).to(device)
     optimizer = make_optimizer(cfg, agent)
     shuffle = torch.Generator().manual_seed(seed)
@@ -354,8 +355,7 @@ def train(cfg: TrainConfig, on_update: Callable[[int, dict[str, float]], None] |
         stop = StopOnSignal(announce=ranks.main).install()
         try:
             for update in range(first_update, num_updates + 1):
-                lr, entropy_coef = schedules(cfg.ppo, (update - 1) / num_updates,
-                                             continuous_actions(act_space))
+                lr, entropy_coef = schedules(cfg.ppo, (update - 1) / num_updates, continuous)
                 rate.start_update(optimizer, lr)
                 carry, stats = iteration(agent, optimizer, envs, rollout,
                                          Carry(obs, state, episode_start), cfg.ppo,
