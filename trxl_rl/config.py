@@ -116,14 +116,6 @@ class PPOConfig:
     minibatch's KL, or the KL after its last step, passed it (weights and optimizer state as
     before the update, and the rate slowed: :class:`trxl_rl.ppo.Rollback`).
 
-    ``advantage_clip`` (None, off, by default) bounds the advantages after normalisation to
-    ``[-advantage_clip, advantage_clip]``. On a solved task the advantages' spread is tiny
-    (~0.03-0.05 on CueRecall), so normalising turns one failed episode into an advantage of
-    ~-20 and pushes the action it took (and, through shared weights, the same action after
-    the other cue) down with an optimizer step of full size. Exact replays of the updates
-    after which CueRecall-64's TrXL runs fell hold with a bound of 2 and fall with 5
-    (docs/memory_benchmark/probes/cue64_anatomy/; full runs: benchmarks/README.md).
-
     ``entropy_coef`` None (the default) is 0.02 for discrete actions and 0 for continuous
     ones (:meth:`initial_entropy_coef`): a Gaussian's entropy grows with its log-std at a
     constant rate, so a bonus keeps the policy as wide as it outweighs the task's rewards,
@@ -149,7 +141,6 @@ class PPOConfig:
     adam_eps: float = 1e-5
     max_grad_norm: float = 0.5
     norm_advantages: bool = True
-    advantage_clip: float | None = None  # None: off; else normalised advantages in [-c, c]
     target_kl: float | None = None
     lr_target_kl: float | None = None
     rollback_kl: float | None = None
@@ -245,7 +236,6 @@ class TrainConfig:
             "ppo.target_kl": ppo.target_kl, "ppo.lr_target_kl": ppo.lr_target_kl,
             "ppo.rollback_kl": ppo.rollback_kl, "ppo.clip_coef": ppo.clip_coef,
             "ppo.max_grad_norm": ppo.max_grad_norm, "ppo.adam_eps": ppo.adam_eps,
-            "ppo.advantage_clip": ppo.advantage_clip,
         }
         if not 0 <= self.seed < 2**31:
             raise ConfigError(f"seed must be in [0, 2**31), got {self.seed}")

@@ -148,8 +148,6 @@ def ppo_update(agent: nn.Module, optimizer: torch.optim.Optimizer, rollout: Roll
             adv = mb.advantages
             if cfg.norm_advantages:
                 adv = normalize_advantages(adv, ranks)
-            if cfg.advantage_clip is not None:
-                adv = adv.clamp(-cfg.advantage_clip, cfg.advantage_clip)
             pg_loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip)).mean()
 
             value_error = (out.value - mb.returns).square()

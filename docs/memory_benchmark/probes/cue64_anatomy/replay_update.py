@@ -40,6 +40,10 @@ def _masked(answers: bool):
     return normalize
 
 
+def _clamped(bound: float):
+    return lambda adv, ranks: NORMALIZE(adv, ranks).clamp(-bound, bound)
+
+
 VARIANTS = {  # name: (ppo overrides, advantage normalisation)
     "none (the run)": ({}, NORMALIZE),
     "value_coef 0": ({"value_coef": 0.0}, NORMALIZE),
@@ -57,8 +61,8 @@ VARIANTS = {  # name: (ppo overrides, advantage normalisation)
     "std floor 0.2": ({}, _floor(0.2)),
     "policy gradient of the answer steps only": ({}, _masked(answers=True)),
     "policy gradient of the other steps only": ({}, _masked(answers=False)),
-    "advantage_clip 5": ({"advantage_clip": 5.0}, NORMALIZE),
-    "advantage_clip 2": ({"advantage_clip": 2.0}, NORMALIZE),
+    "normalised advantages clamped to +-5": ({}, _clamped(5.0)),
+    "normalised advantages clamped to +-2": ({}, _clamped(2.0)),
 }
 
 
