@@ -43,11 +43,16 @@ Suite file (unknown keys are errors)::
         threshold: 0.9                     # for "steps to threshold" (training curve)
         tests: what the task tests         # one line, for the README
         overrides: {env.kwargs.delay: 16, model.trxl.memory_length: 128}
+        backbone_overrides:                # optional: one backbone's own tuning, after
+          trxl: {ppo.learning_rate: 3.0e-4}  # the task's overrides
         reference: {value: 0.5, source: "..."}      # optional: a published figure
 
 Overrides are the trainer's dotted ``--KEY VALUE`` options. Keys of a backbone's section
 (``model.trxl.*`` for trxl and gtrxl, ``model.gru.*``, ``model.lstm.*``) go only to the runs
 of that backbone, since the trainer refuses an option that a run's backbone does not read.
+``backbone_overrides`` tune one backbone (by its exact name) where the task's settings suit
+the others but not it, e.g. a learning rate: each backbone at its own tuned value is the
+fair comparison, and the run's result JSON records the options it ran with.
 """
 
 from __future__ import annotations
@@ -101,6 +106,7 @@ class Task:
     threshold: float
     tests: str = ""
     overrides: dict = dataclasses.field(default_factory=dict)
+    backbone_overrides: dict[str, dict] = dataclasses.field(default_factory=dict)
     reference: dict | None = None
 
 
@@ -142,6 +148,16 @@ def _overrides(where: str, data: Any) -> dict:
     return dict(data)
 
 
+def _backbone_overrides(where: str, data: Any) -> dict[str, dict]:
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise SuiteError(f"{where} must be a mapping of backbone names to options, "
+                         f"got {data!r}")
+    check_names("backbone", list(data), BACKBONES, where=f"{where}: ")
+    return {backbone: _overrides(f"{where}: {backbone}", options)
+            for backbone, options in data.items()}
+
+
 def load_suite(path: str | Path) -> Suite:
     """Read and check a suite file.
 
@@ -178,7 +194,7 @@ def load_suite(path: str | Path) -> Suite:
             raise SuiteError(f"{at}: a task name is letters, digits, '.', '-' and '_' "
                              f"(no '__')")
         spec = _keys(at, spec, {"env", "metric", "threshold"},
-                     {"budget", "tests", "overrides", "reference"})
+                     {"budget", "tests", "overrides", "backbone_overrides", "reference"})
         if spec["metric"] not in METRICS:
             raise SuiteError(f"{at}: metric must be one of {', '.join(METRICS)}, "
                              f"got {spec['metric']!r}")
@@ -198,6 +214,8 @@ def load_suite(path: str | Path) -> Suite:
                                    "a number")),
             tests=str(spec.get("tests") or ""),
             overrides=_overrides(f"{at}: overrides", spec.get("overrides")),
+            backbone_overrides=_backbone_overrides(f"{at}: backbone_overrides",
+                                                   spec.get("backbone_overrides")),
             reference=reference)
     return Suite(name=str(data.get("name") or path.stem), path=path, backbones=list(backbones),
                  seeds=list(seeds), tasks=tasks,
@@ -243,11 +261,13 @@ class Run:
 
 
 def run_overrides(suite: Suite, task: Task, backbone: str) -> dict:
-    """The trainer options of one run: suite defaults, the task's, then ``--set``'s, without
-    the backbone sections (``model.<section>.*``) that this run's backbone does not read."""
+    """The trainer options of one run: suite defaults, the task's, the task's for this
+    backbone, then ``--set``'s, without the backbone sections (``model.<section>.*``) that
+    this run's backbone does not read."""
     model = ModelConfig(backbone=backbone)
-    return {key: value for key, value in {**suite.defaults, **task.overrides,
-                                          **suite.forced}.items() if model.reads(key)}
+    options = {**suite.defaults, **task.overrides,
+               **task.backbone_overrides.get(backbone, {}), **suite.forced}
+    return {key: value for key, value in options.items() if model.reads(key)}
 
 
 def _cli_value(value: Any) -> str:

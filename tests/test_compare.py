@@ -198,6 +198,20 @@ def test_backbone_sections_reach_only_the_runs_of_their_backbone(tmp_path):
     assert run_overrides(suite, task, "trxl")["model.trxl.memory_length"] == 8
 
 
+def test_a_backbones_own_options_reach_only_its_runs_and_set_still_wins(tmp_path):
+    cue = {**TINY_SUITE["tasks"]["cue"],
+           "backbone_overrides": {"trxl": {"ppo.learning_rate": 3e-4}}}
+    suite = load_suite(write_suite(tmp_path, {**TINY_SUITE, "tasks": {"cue": cue}}))
+    task = suite.tasks["cue"]
+    assert run_overrides(suite, task, "trxl")["ppo.learning_rate"] == 3e-4
+    assert "ppo.learning_rate" not in run_overrides(suite, task, "none")
+    assert "ppo.learning_rate" not in run_overrides(suite, task, "gtrxl")  # by exact name
+    cmd = train_command(Run(task, "trxl", 1), suite, tmp_path / "runs", "cpu")
+    assert any(cmd[i:i + 2] == ["--ppo.learning_rate", "0.0003"] for i in range(len(cmd)))
+    suite.forced["ppo.learning_rate"] = 1e-3
+    assert run_overrides(suite, task, "trxl")["ppo.learning_rate"] == 1e-3
+
+
 BAD_SUITES = [
     ("tasks: [unclosed", "not valid YAML"),
     ({"backbones": ["trxl"], "seeds": [1]}, "missing key 'tasks'"),
@@ -213,6 +227,14 @@ BAD_SUITES = [
      "unknown config key 'ppo.learning_rat'"),
     ({**TINY_SUITE, "tasks": {"cue": {**TINY_SUITE["tasks"]["cue"], "env": "NoSuchEnv-v0"}}},
      "task 'cue'"),
+    ({**TINY_SUITE, "tasks": {"cue": {**TINY_SUITE["tasks"]["cue"],
+                                      "backbone_overrides": {"trxx": {}}}}},
+     "backbone_overrides: unknown backbone 'trxx'"),
+    ({**TINY_SUITE, "tasks": {"cue": {**TINY_SUITE["tasks"]["cue"],
+                                      "backbone_overrides": {"trxl": [1]}}}},
+     "backbone_overrides: trxl must be a mapping"),
+    ({**TINY_SUITE, "tasks": {"cue": {**TINY_SUITE["tasks"]["cue"], "backbone_overrides": {
+        "trxl": {"ppo.learning_rate": -1.0}}}}}, "learning_rate"),
 ]
 
 
