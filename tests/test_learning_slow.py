@@ -2,7 +2,9 @@
 
 The preset's greedy success on S9 was measured at 1.00, 0.95, 1.00 for seeds 1-3 (and 1.00,
 0.91 for seeds 4, 5; every run escaped the 0.5 plateau by 352k of its 500k steps); without
-memory 0.50, 0.49, 0.49. A single seed's score sits too close to any threshold to be a fair
+memory 0.50, 0.49, 0.49. With ``ppo.rollback_kl 0.05``, the preset's since 2026-12-04, seeds
+1-3 score 1.00 each, with the same steps to 0.9 (the first undone update comes after it).
+A single seed's score sits too close to any threshold to be a fair
 check, so the check is the mean over seeds 1-3, with a margin below the measured 0.98: a seed
 left on the plateau (~0.5) pulls the mean below 0.9 and fails it.
 """
@@ -52,8 +54,9 @@ def suite_run(tmp_path, task_name, backbone, seed, **overrides):
 def test_a_solved_cue_recall_run_stays_solved_with_the_rollback(tmp_path):
     """Seed 3 of the suite's CueRecall-16 TrXL run solved the task by 20k steps, then fell
     from 1.00 to chance in one update (its KL 100x the usual) and never recovered: greedy
-    0.57, a fall of 0.59. With ``ppo.rollback_kl 0.05`` that update is undone (measured on
-    the 2-core VM: largest fall 0.008, greedy 1.00; ~1 minute)."""
+    0.57, a fall of 0.59. With ``ppo.rollback_kl 0.05`` (the default since 2026-12-04) that
+    update is undone (measured on the 2-core VM: largest fall 0.008, greedy 1.00; ~1
+    minute)."""
     curve, summary = suite_run(tmp_path, "CueRecall-16", "trxl", seed=3,
                                **{"ppo.rollback_kl": 0.05})
     assert drop_after_threshold(curve, 0.9) <= 0.1, curve
@@ -63,5 +66,5 @@ def test_a_solved_cue_recall_run_stays_solved_with_the_rollback(tmp_path):
 def test_without_the_rollback_the_same_run_collapses(tmp_path):
     """The control of the check above: the collapse still happens without the guard (if it
     did not, the check above would prove nothing)."""
-    curve, _ = suite_run(tmp_path, "CueRecall-16", "trxl", seed=3)
+    curve, _ = suite_run(tmp_path, "CueRecall-16", "trxl", seed=3, **{"ppo.rollback_kl": None})
     assert drop_after_threshold(curve, 0.9) > 0.1, curve
