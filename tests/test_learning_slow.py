@@ -54,8 +54,8 @@ def suite_run(tmp_path, task_name, backbone, seed, **overrides):
 def test_a_solved_cue_recall_run_stays_solved_with_the_rollback(tmp_path):
     """Seed 3 of the suite's CueRecall-16 TrXL run solved the task by 20k steps, then fell
     from 1.00 to chance in one update (its KL 100x the usual) and never recovered: greedy
-    0.57, a fall of 0.59. With ``ppo.rollback_kl 0.05`` (the default since 2026-12-04) that
-    update is undone (measured on the 2-core VM: largest fall 0.008, greedy 1.00; ~1
+    0.57, a fall of 0.59. With ``ppo.rollback_kl 0.05`` (the CueRecall preset's since 2026-12-04)
+    that update is undone (measured on the 2-core VM: largest fall 0.008, greedy 1.00; ~1
     minute)."""
     curve, summary = suite_run(tmp_path, "CueRecall-16", "trxl", seed=3,
                                **{"ppo.rollback_kl": 0.05})

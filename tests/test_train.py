@@ -352,7 +352,10 @@ def test_the_defaults_are_the_minigrid_memory_preset_so_any_env_id_starts_from_t
     # (and none for continuous ones: test_continuous.py).
     assert preset.ppo.entropy_coef == defaults.ppo.initial_entropy_coef(continuous=False)
     assert defaults.model == preset.model
-    assert dataclasses.replace(defaults.ppo, entropy_coef=preset.ppo.entropy_coef) == preset.ppo
+    # and its KL rollback, which is no default (PPOConfig says why).
+    assert defaults.ppo.rollback_kl is None and preset.ppo.rollback_kl == 0.05
+    assert dataclasses.replace(defaults.ppo, entropy_coef=preset.ppo.entropy_coef,
+                               rollback_kl=0.05) == preset.ppo
     assert defaults.total_steps == preset.total_steps
     assert (defaults.env.id, defaults.env.num_envs) == (preset.env.id, preset.env.num_envs)
     # A gymnasium id without a preset of its own gets exactly these settings.

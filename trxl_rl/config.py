@@ -108,18 +108,22 @@ class PPOConfig:
     (env, segment) chunks of ``segment_length`` steps, which must divide ``rollout_steps``.
 
     Three guards on how far one update moves the policy, all measured by the approx_kl of a
-    minibatch (the k3 estimate against the rollout's policy, averaged over ranks):
-    ``target_kl`` (off by default) ends the update after the minibatch step whose KL passed
-    it; ``lr_target_kl`` (off) makes the learning rate follow the KL (slower while it is
+    minibatch (the k3 estimate against the rollout's policy, averaged over ranks) and all
+    off (None) by default: ``target_kl`` ends the update after the minibatch step whose KL
+    passed it; ``lr_target_kl`` makes the learning rate follow the KL (slower while it is
     above twice this, back up to the schedule while below half; see
-    :class:`trxl_rl.ppo.LearningRate`); ``rollback_kl`` (0.05 by default, None: off) undoes
-    an update in which a minibatch's KL, or the KL after its last step, passed it (weights
-    and optimizer state as before the update, and the rate slowed by 1.5 for the rest of the
-    run: :class:`trxl_rl.ppo.Rollback`). At 0.05 it kept solved runs solved where nothing
-    else tried did (MiniGrid S9, S13Random, S17Random, POPGym RepeatFirstMedium, CueRecall-16;
-    benchmarks/README.md, "Where TrXL loses"), at no cost in steps to solve seen: the first
-    undone update came after the run had solved its task, and a run none of whose updates
-    passes it is the run without it.
+    :class:`trxl_rl.ppo.LearningRate`); ``rollback_kl`` undoes an update in which a
+    minibatch's KL, or the KL after its last step, passed it (weights and optimizer state as
+    before the update, and the rate slowed by 1.5 for the rest of the run:
+    :class:`trxl_rl.ppo.Rollback`).
+
+    The symbolic MiniGrid-Memory presets and CueRecall's set ``rollback_kl`` 0.05: there it
+    kept solved runs solved where nothing else tried did (S9, S13Random, S17Random,
+    CueRecall-16), at no cost in steps to solve seen (the first undone update came after
+    the run had solved its task). It is not the trainer's default, which every other env id
+    starts from: on POPGym's PositionOnlyPendulumEasy it undid updates before TrXL had
+    solved the task, and the slower rate cost a seed its threshold (benchmarks/README.md,
+    "Where TrXL loses").
 
     ``entropy_coef`` None (the default) is 0.02 for discrete actions and 0 for continuous
     ones (:meth:`initial_entropy_coef`): a Gaussian's entropy grows with its log-std at a
@@ -148,7 +152,7 @@ class PPOConfig:
     norm_advantages: bool = True
     target_kl: float | None = None
     lr_target_kl: float | None = None
-    rollback_kl: float | None = 0.05  # None: off
+    rollback_kl: float | None = None
     reconstruction_coef: float = 0.0  # > 0: the agent gets an image decoder (image obs only)
 
     def initial_entropy_coef(self, continuous: bool) -> float:
