@@ -3,10 +3,9 @@
 The preset's greedy success on S9 was measured at 1.00, 0.95, 1.00 for seeds 1-3 (and 1.00,
 0.91 for seeds 4, 5; every run escaped the 0.5 plateau by 352k of its 500k steps); without
 memory 0.50, 0.49, 0.49. With ``ppo.rollback_kl 0.05``, the preset's since 2026-12-04, seeds
-1-3 score 1.00 each, with the same steps to 0.9 (the first undone update comes after it).
-A single seed's score sits too close to any threshold to be a fair
-check, so the check is the mean over seeds 1-3, with a margin below the measured 0.98: a seed
-left on the plateau (~0.5) pulls the mean below 0.9 and fails it.
+1-5 score 1.00 each, with the same steps to 0.9. A single seed's score sits too close to any
+threshold to be a fair check, so the check is the mean over seeds 1-3, with a margin below
+the measured 0.98: a seed left on the plateau (~0.5) pulls the mean below 0.9 and fails it.
 """
 
 import pytest

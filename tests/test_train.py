@@ -345,6 +345,17 @@ def test_cli_trains_from_any_directory_and_writes_logs_config_and_checkpoints(tm
     assert summary["episodes"] == 16 and summary["global_step"] == 1024
 
 
+@pytest.mark.parametrize(("env", "bound"), [
+    ("MiniGrid-Memory", 0.05), ("MiniGrid-MemoryS13Random", 0.05),
+    ("MiniGrid-MemoryS17Random-v0", 0.05), ("CueRecall", 0.05),
+    ("MiniGrid-Memory-RGB", None), ("MortarMayhem-Grid", None), ("CartPole-v1", None)])
+def test_the_kl_rollback_is_on_where_it_was_measured_and_off_elsewhere(env, bound):
+    """benchmarks/README.md, "Where TrXL loses": it kept the symbolic MiniGrid tasks and
+    CueRecall solved; on a POPGym pendulum it cost a seed, so it is not the default."""
+    args, overrides = parse_args(["--env", env])
+    assert resolve_config(args, overrides).ppo.rollback_kl == bound
+
+
 def test_the_defaults_are_the_minigrid_memory_preset_so_any_env_id_starts_from_them():
     defaults = build_config()
     preset = build_config(read_yaml(preset_path("MiniGrid-Memory")))
