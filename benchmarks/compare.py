@@ -283,7 +283,8 @@ def train_command(run: Run, suite: Suite, runs_dir: Path, device: str) -> list[s
     cmd = [sys.executable, "-m", "trxl_rl.train", "--env", run.task.env,
            "--seed", str(run.seed), "--total-steps", str(run.task.budget),
            "--run-name", run.name, "--log_dir", str(runs_dir), "--model.backbone", run.backbone,
-           "--threshold", str(run.task.threshold), "--threshold_metric", run.task.metric]
+           "--threshold", str(run.task.threshold), "--threshold_metric", run.task.metric,
+           "--stop_at", "null"]  # the whole budget: "stays solved" is measured over it
     for key, value in run_overrides(suite, run.task, run.backbone).items():
         cmd += [f"--{key}", _cli_value(value)]
     return cmd + common_options(device)

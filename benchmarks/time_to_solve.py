@@ -14,7 +14,8 @@ reports:
 - whole: wall-clock of the whole command (start-up, training, final evaluation);
 - threshold: training steps and training seconds when the training success first reached the
   run's threshold (``summary.json["threshold"]``, 0.9 by default); "-" if it never did;
-- train: training seconds of the whole budget; greedy: the final evaluation's success.
+- steps trained: the budget, or fewer where the run stopped solved (the preset's ``stop_at``);
+- train: training seconds of those steps; greedy: the final evaluation's success.
 
 The gauge is ``benchmarks.run``'s ``env`` row (the preset's 16 envs alone, random actions),
 measured before the first seed and after the last: the host's speed at the time. ``scaled``
@@ -76,17 +77,18 @@ def solve(seed: int, overrides: dict, ranks: int = 1) -> dict:
 
 def table(runs: list[dict], host_gauge: float) -> str:
     scale = host_gauge / REFERENCE_GAUGE
-    lines = ["| seed | whole s (scaled) | threshold steps | threshold s (scaled) | train s | "
-             "greedy success |", "|--:|--:|--:|--:|--:|--:|"]
+    lines = ["| seed | whole s (scaled) | steps trained | threshold steps | threshold s (scaled) "
+             "| train s | greedy success |", "|--:|--:|--:|--:|--:|--:|--:|"]
     for r in runs:
         if "error" in r:
-            lines.append(f"| {r['seed']} | failed: {r['error'][:100]} | | | | |")
+            lines.append(f"| {r['seed']} | failed: {r['error'][:100]} | | | | | |")
             continue
         t_s = r["threshold_seconds"]
         threshold = (f"{r['threshold_steps']:,} | {t_s:.0f} ({t_s * scale:.0f})"
                      if t_s is not None else "- | -")
         lines.append(f"| {r['seed']} | {r['whole_seconds']:.0f} ({r['whole_seconds'] * scale:.0f})"
-                     f" | {threshold} | {r['train_seconds']:.0f} | {r['greedy_success']:.2f} |")
+                     f" | {r['steps']:,} | {threshold} | {r['train_seconds']:.0f}"
+                     f" | {r['greedy_success']:.2f} |")
     return "\n".join(lines)
 
 

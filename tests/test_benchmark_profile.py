@@ -35,9 +35,9 @@ def test_time_to_solve_scales_wall_clock_by_the_gauge_of_its_sitting():
     runs = [{"seed": 1, "whole_seconds": 100.0, "train_seconds": 90.0, "threshold_steps": 212_992,
              "threshold_seconds": 40.0, "greedy_success": 1.0, "steps": 499_712},
             {"seed": 2, "whole_seconds": 100.0, "train_seconds": 90.0, "threshold_steps": None,
-             "threshold_seconds": None, "greedy_success": 0.5, "steps": 499_712},
+             "threshold_seconds": None, "greedy_success": 0.5, "steps": 331_776},
             {"seed": 3, "error": "ConfigError: bad"}]
     lines = solve_table(runs, host_gauge=REFERENCE_GAUGE / 2).splitlines()  # a host at half speed
-    assert lines[2] == "| 1 | 100 (50) | 212,992 | 40 (20) | 90 | 1.00 |"
-    assert lines[3] == "| 2 | 100 (50) | - | - | 90 | 0.50 |"
+    assert lines[2] == "| 1 | 100 (50) | 499,712 | 212,992 | 40 (20) | 90 | 1.00 |"
+    assert lines[3] == "| 2 | 100 (50) | 331,776 | - | - | 90 | 0.50 |"  # stopped early
     assert lines[4].startswith("| 3 | failed: ConfigError: bad")

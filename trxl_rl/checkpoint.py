@@ -23,6 +23,10 @@ one never runs code from the file:
   run's training seconds so far and its :class:`trxl_rl.metrics.Threshold` state, so that a
   resumed run counts time to threshold on. Wall-clock is not part of the exact training
   state: two runs that are equal bit for bit differ here.
+- optionally (any format 4 file may lack them; read as their starting values),
+  ``learning_rate``: the :class:`trxl_rl.ppo.LearningRate` factor, and (written since
+  2026-12-04) ``stop_when_solved``: the :class:`trxl_rl.metrics.StopWhenSolved` state (the
+  updates in a row at ``stop_at`` so far), so that a resumed run stops where it would have.
 
 Format 1 files (written before the training state was added) load for evaluation and
 :func:`load_agent`, but cannot be resumed. Formats 1 and 2 (Transformer-XL only, its fields

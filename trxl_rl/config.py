@@ -186,6 +186,13 @@ class TrainConfig:
         ``success`` rate of an update, or its mean episodic ``return``), the steps and
         training seconds so far are logged (``threshold/steps``, ``threshold/seconds``) and
         kept in ``summary.json`` (None: not watched).
+    :param stop_at: end training before ``total_steps`` once the task is solved: after
+        ``stop_updates`` updates in a row whose ``threshold_metric`` is at least ``stop_at``
+        (None: train the whole budget). The last checkpoint and the final evaluation are those
+        of the update it stopped after; ``summary.json`` says where (``solved``). Off by
+        default and in ``benchmarks.compare`` (a benchmark trains its whole budget, so that
+        "stays solved" is measured); the ``MiniGrid-Memory`` preset stops at 0.99 success in
+        3 updates in a row (docs/results.md).
     """
 
     env: EnvConfig = field(default_factory=EnvConfig)
@@ -206,6 +213,8 @@ class TrainConfig:
     wandb_entity: str | None = None
     threshold: float | None = 0.9
     threshold_metric: str = "success"
+    stop_at: float | None = None
+    stop_updates: int = 3
 
     def validate(self) -> TrainConfig:
         """Check the values that types cannot; raise :class:`ConfigError`."""
@@ -215,6 +224,7 @@ class TrainConfig:
             "ppo.segment_length": ppo.segment_length, "ppo.epochs": ppo.epochs,
             "ppo.minibatches": ppo.minibatches, "total_steps": self.total_steps,
             "checkpoint_every": self.checkpoint_every, "ppo.learning_rate": ppo.learning_rate,
+            "stop_updates": self.stop_updates,
         }
         for name, value in positive.items():
             if value <= 0:

@@ -200,3 +200,48 @@ class Threshold:
         (None until reached)."""
         return {"metric": self.metric, "value": self.value, "steps": self.steps,
                 "seconds": self.seconds}
+
+
+class StopWhenSolved:
+    """Whether training may end before its budget (``stop_at``): after ``updates`` updates in
+    a row whose training success rate (``metric="success"``) or mean episodic return
+    (``"return"``) is at least ``value``. An update in which no episode ended neither counts
+    nor breaks the run. In a data-parallel run it reads the scalars reduced over the ranks,
+    so every rank stops after the same update.
+
+    :param value: None: never (the whole budget is trained).
+    :param reached: a checkpoint's :meth:`state`; its count of updates in a row is kept only
+        if it was counted against the same metric and value.
+    """
+
+    def __init__(self, metric: str, value: float | None, updates: int,
+                 reached: dict | None = None) -> None:
+        self.metric, self.value, self.updates = metric, value, updates
+        reached = reached or {}
+        same = (reached.get("metric"), reached.get("value")) == (metric, value)
+        self.in_a_row: int = reached.get("in_a_row", 0) if same else 0
+        self.steps: int | None = reached.get("steps") if same else None  # where it stopped
+
+    @property
+    def solved(self) -> bool:
+        return self.value is not None and self.in_a_row >= self.updates
+
+    def check(self, scalars: Mapping[str, float], step: int) -> bool:
+        """After an update (at environment step ``step``): whether training stops now."""
+        score = scalars.get(Threshold.CHARTS[self.metric])
+        if self.value is None or score is None:
+            return False
+        self.in_a_row = self.in_a_row + 1 if score >= self.value else 0
+        if self.solved:
+            self.steps = step
+        return self.solved
+
+    def __str__(self) -> str:
+        return (f"training {self.metric} >= {self.value:g} in {self.updates} updates in a row "
+                f"(stop_at)")
+
+    def state(self) -> dict[str, Any]:
+        """Plain data for checkpoints and ``summary.json``: metric, value, updates, the
+        updates in a row so far and the step it stopped at (None: it did not stop early)."""
+        return {"metric": self.metric, "value": self.value, "updates": self.updates,
+                "in_a_row": self.in_a_row, "steps": self.steps}

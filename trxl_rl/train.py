@@ -74,6 +74,7 @@ from trxl_rl.memory import TrXLConfig
 from trxl_rl.metrics import (
     Metrics,
     ProgressBar,
+    StopWhenSolved,
     TensorBoard,
     Threshold,
     WandbRun,
@@ -316,6 +317,8 @@ def train(cfg: TrainConfig, on_update: Callable[[int, dict[str, float]], None] |
     timing = (resume or {}).get("timing", {})
     seconds_before = timing.get("train_seconds", 0.0)
     threshold = Threshold(cfg.threshold_metric, cfg.threshold, timing.get("threshold"))
+    solved = StopWhenSolved(cfg.threshold_metric, cfg.stop_at, cfg.stop_updates,
+                            (resume or {}).get("stop_when_solved"))
 
     run_dir = start_run_dir(cfg, resume, ranks)
     rollout = Rollout(t_steps, b, obs_space, action_shape(act_space), action_dtype(act_space),
@@ -339,7 +342,7 @@ def train(cfg: TrainConfig, on_update: Callable[[int, dict[str, float]], None] |
             "spaces": {"observation": space_to_dict(obs_space),
                        "action": space_to_dict(act_space)},
             "counters": {"global_step": global_step, "update": update},
-            "learning_rate": rate.state(),
+            "learning_rate": rate.state(), "stop_when_solved": solved.state(),
             "timing": {"train_seconds": train_seconds(), "threshold": threshold.state()},
             **states[0], "world_size": ranks.world_size, "other_ranks": states[1:],
         })
@@ -355,6 +358,8 @@ def train(cfg: TrainConfig, on_update: Callable[[int, dict[str, float]], None] |
         stop = StopOnSignal(announce=ranks.main).install()
         try:
             for update in range(first_update, num_updates + 1):
+                if solved.solved:  # a resumed run that had stopped, solved
+                    break
                 lr, entropy_coef = schedules(cfg.ppo, (update - 1) / num_updates, continuous)
                 rate.start_update(optimizer, lr)
                 carry, stats = iteration(agent, optimizer, envs, rollout,
@@ -376,18 +381,25 @@ def train(cfg: TrainConfig, on_update: Callable[[int, dict[str, float]], None] |
                 # A signal at any rank stops every rank after this update.
                 signum = int(ranks.reduce_scalars({"signal": stop.signum or 0},
                                                   {"signal": "max"})["signal"])
-                if update % cfg.checkpoint_every == 0 or update == num_updates or signum:
+                done = solved.check(stats, global_step)
+                if (update % cfg.checkpoint_every == 0 or update == num_updates or signum
+                        or done):
                     checkpoint(update)
                 if signum:
                     raise TrainingInterrupted(signum,
                                               run_dir / "checkpoints" / checkpoint_name(update))
+                if done:
+                    break
         finally:
             stop.uninstall()
             envs.close()
 
+        if ranks.main and solved.solved:
+            print(f"solved: {solved}; stopped at step {global_step:,} of "
+                  f"{num_updates * steps_per_update:,}", file=sys.stderr)
         summary: dict[str, Any] = {"global_step": global_step,
                                    "train_seconds": time.perf_counter() - start_time,
-                                   "threshold": threshold.state()}
+                                   "threshold": threshold.state(), "solved": solved.state()}
         if not ranks.main:
             return summary
         if cfg.eval_episodes > 0:
@@ -499,9 +511,10 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, An
     parser.add_argument("--resume", metavar="RUN",
                         help="continue the run in directory RUN (e.g. runs/<run>) from its "
                              "newest checkpoint, or from the checkpoint file RUN, with the "
-                             "run's own config; only --total-steps, --device, --threads, "
-                             "--progress, --checkpoint_every, --eval_episodes, "
-                             "--eval_deterministic, --track, --wandb-project-name and "
+                             "run's own config; only --total-steps, --stop_at, "
+                             "--stop_updates, --device, --threads, --progress, "
+                             "--checkpoint_every, --eval_episodes, --eval_deterministic, "
+                             "--track, --wandb-project-name and "
                              "--wandb-entity may change (a run of K torchrun ranks resumes "
                              "with K ranks; a tracked run continues its W&B run). "
                              "SIGINT/SIGTERM during training save a checkpoint after the "
