@@ -388,7 +388,7 @@ def test_one_torch_thread_by_default_and_null_is_torchs_own_default():
 
 
 @pytest.mark.parametrize("env_id,steps,time_limit", [
-    ("MiniGrid-MemoryS7-v0", 500_000, 64), ("MiniGrid-MemoryS9-v0", 500_000, 96),
+    ("MiniGrid-MemoryS7-v0", 500_000, 64), ("MiniGrid-MemoryS9-v0", 750_000, 96),
     ("MiniGrid-MemoryS11-v0", 1_000_000, 128), ("MiniGrid-MemoryS13-v0", 1_000_000, 160),
     ("MiniGrid-MemoryS13Random-v0", 1_000_000, 160),
     ("MiniGrid-MemoryS17Random-v0", 3_000_000, 224)])
