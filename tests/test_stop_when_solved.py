@@ -12,7 +12,7 @@ from trxl_rl.checkpoint import load_checkpoint
 from trxl_rl.config import ConfigError, build_config, preset_path, read_yaml
 from trxl_rl.metrics import StopWhenSolved
 from trxl_rl.resume import resume_config
-from trxl_rl.train import main, train
+from trxl_rl.train import main, parse_args, resolve_config, train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_checkpoint import assert_same_training_state, snapshot  # noqa: E402
@@ -106,6 +106,17 @@ def test_a_resumed_run_stops_where_the_uninterrupted_one_did(tmp_path):
     summary = train(resume_config(checkpoint, {"total_steps": 160}), resume=checkpoint,
                     on_update=lambda update, stats: updates.append(update))
     assert updates == [2] and summary["solved"]["steps"] == 64
+
+
+@pytest.mark.parametrize(("env", "stop_at"), [
+    ("MiniGrid-MemoryS7", 0.99), ("MiniGrid-MemoryS13Random-v0", 0.99),
+    ("MiniGrid-MemoryS17Random", 0.99), ("MiniGrid-Memory-RGB", None), ("CueRecall", None),
+    ("MortarMayhem-Grid", None), ("CartPole-v1", None)])
+def test_the_symbolic_minigrid_presets_stop_once_solved_and_nothing_else_does(env, stop_at):
+    """docs/results.md, "Stop once solved": measured on S9, S13Random, S17Random (and one
+    seed each of S7, S11, S13)."""
+    args, overrides = parse_args(["--env", env])
+    assert resolve_config(args, overrides).stop_at == stop_at
 
 
 def test_the_readme_preset_stops_when_solved_and_benchmarks_train_their_budget():

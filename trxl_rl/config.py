@@ -191,8 +191,8 @@ class TrainConfig:
         (None: train the whole budget). The last checkpoint and the final evaluation are those
         of the update it stopped after; ``summary.json`` says where (``solved``). Off by
         default and in ``benchmarks.compare`` (a benchmark trains its whole budget, so that
-        "stays solved" is measured); the ``MiniGrid-Memory`` preset stops at 0.99 success in
-        3 updates in a row (docs/results.md).
+        "stays solved" is measured); the symbolic MiniGrid-Memory presets stop at 0.99
+        success in 3 updates in a row (docs/results.md, "Stop once solved").
     """
 
     env: EnvConfig = field(default_factory=EnvConfig)
