@@ -301,6 +301,21 @@ def test_kl_guards_act_alike_on_every_rank(tmp_path, guard, changed):
 
 
 @pytest.mark.distributed
+def test_every_rank_stops_solved_after_the_same_update(tmp_path):
+    """``stop_at`` reads the scalars reduced over the ranks: both ranks end after update 2 of
+    5 (a MiniGrid return is never below 0), and nothing waits for a rank that stopped."""
+    result = torchrun(*TINY, "--threshold_metric", "return", "--stop_at", "0.0",
+                      "--stop_updates", "2", "--total-steps", str(5 * STEPS_PER_UPDATE),
+                      "--log_dir", "runs", "--run-name", "a", cwd=tmp_path,
+                      record=tmp_path / "records")
+    assert result.returncode == 0, result.stderr
+    assert [len(r["updates"]) for r in records(tmp_path / "records")] == [2, 2]
+    summary = json.loads((tmp_path / "runs" / "a" / "summary.json").read_text())
+    assert summary["solved"]["steps"] == summary["global_step"] == 2 * STEPS_PER_UPDATE
+    assert load_checkpoint(tmp_path / "runs" / "a")["counters"]["update"] == 2
+
+
+@pytest.mark.distributed
 def test_two_ranks_refuse_a_single_process_checkpoint_in_one_line(tmp_path):
     train(small_config(log_dir=str(tmp_path), run_name="single"))
     before = files_under(tmp_path)
