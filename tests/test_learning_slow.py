@@ -53,14 +53,20 @@ def suite_run(tmp_path, task_name, backbone, seed, **overrides):
     return curve, summary
 
 
+MEASURED_RATE = {"ppo.learning_rate": 3.0e-3}  # the CueRecall preset's
+
+
 def test_a_solved_cue_recall_run_stays_solved_with_the_rollback(tmp_path):
     """Seed 3 of the suite's CueRecall-16 TrXL run solved the task by 20k steps, then fell
     from 1.00 to chance in one update (its KL 100x the usual) and never recovered: greedy
     0.57, a fall of 0.59. With ``ppo.rollback_kl 0.05`` (the CueRecall preset's since 2026-12-04)
     that update is undone (measured on the 2-core VM: largest fall 0.008, greedy 1.00; ~1
-    minute)."""
+    minute). Both runs keep the rate they were measured at, the CueRecall preset's 3e-3: the
+    suite has trained TrXL at 3e-4 there since 2026-12-04, and at 3e-4 this seed does not fall
+    even without the guard (largest fall 0.04), which would leave the control below without a
+    collapse to show."""
     curve, summary = suite_run(tmp_path, "CueRecall-16", "trxl", seed=3,
-                               **{"ppo.rollback_kl": 0.05})
+                               **{"ppo.rollback_kl": 0.05, **MEASURED_RATE})
     assert drop_after_threshold(curve, 0.9) <= 0.1, curve
     assert summary["success_rate"] >= 0.95
 
@@ -68,5 +74,6 @@ def test_a_solved_cue_recall_run_stays_solved_with_the_rollback(tmp_path):
 def test_without_the_rollback_the_same_run_collapses(tmp_path):
     """The control of the check above: the collapse still happens without the guard (if it
     did not, the check above would prove nothing)."""
-    curve, _ = suite_run(tmp_path, "CueRecall-16", "trxl", seed=3, **{"ppo.rollback_kl": None})
+    curve, _ = suite_run(tmp_path, "CueRecall-16", "trxl", seed=3,
+                         **{"ppo.rollback_kl": None, **MEASURED_RATE})
     assert drop_after_threshold(curve, 0.9) > 0.1, curve
