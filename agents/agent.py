@@ -53,15 +53,19 @@ class MemoryAgent(nn.Module):
     :param encoder_dim: encoder output size (None: the encoder's default).
     :param encoder_dedupe: image encoders encode each distinct image of a batch once
         (None: on CPU only; see :class:`~trxl_rl.agents.encoders.NatureCNNEncoder`).
+    :param encoder_max_pool: image encoders add a map of their channels' maxima over
+        positions (see :class:`~trxl_rl.agents.encoders.NatureCNNEncoder`).
     :param reconstruction: add an image decoder for :meth:`reconstruction_loss` (image
         observations only).
     """
 
     def __init__(self, observation_space: spaces.Space, action_space: spaces.Space,
                  backbone: Callable[[int], MemoryBackbone], encoder_dim: int | None = None,
-                 encoder_dedupe: bool | None = None, reconstruction: bool = False) -> None:
+                 encoder_dedupe: bool | None = None, encoder_max_pool: bool = False,
+                 reconstruction: bool = False) -> None:
         super().__init__()
-        self.encoder = make_encoder(observation_space, encoder_dim, encoder_dedupe)
+        self.encoder = make_encoder(observation_space, encoder_dim, encoder_dedupe,
+                                    encoder_max_pool)
         self.decoder = None
         if reconstruction:
             if not is_image_space(observation_space):
@@ -228,4 +232,5 @@ def build_agent(cfg, observation_space: spaces.Space, action_space: spaces.Space
             raise ValueError(f"{where}: {err}") from None
 
     return MemoryAgent(observation_space, action_space, backbone, model.encoder_dim,
-                       model.encoder_dedupe, reconstruction=cfg.ppo.reconstruction_coef > 0)
+                       model.encoder_dedupe, model.encoder_max_pool,
+                       reconstruction=cfg.ppo.reconstruction_coef > 0)

@@ -181,16 +181,25 @@ class NatureCNNEncoder(ObservationEncoder):
     ~5% of the CNN's time on a CPU: turn it off with ``dedupe=False`` (config
     ``model.encoder_dedupe``).
 
+    With ``max_pool`` a second linear map, of each of the last convolution's 64 channels'
+    maximum over positions (what is in view, wherever it is), is added before the ReLU, as
+    :class:`GridEmbeddingEncoder` adds one over cells: a feature the CNN learned where an
+    object first appeared then fires wherever it appears. The maxima are exactly the same for
+    an object moved by a multiple of the CNN's stride (8 px) whose every view by the last
+    convolution stays inside the image, and close for other moves. Off by default (the
+    CNN as published).
+
     :param space: ``Box`` of shape ``(H, W, C)``, uint8, with ``H, W >= 36`` (the smallest
         image the three convolutions leave at least one pixel of).
     :param out_dim: feature size.
     :param dedupe: encode each distinct image of a batch once (None: on CPU only).
+    :param max_pool: add the map of the channels' maxima over positions.
     """
 
     MIN_SIDE = 36
 
     def __init__(self, space: spaces.Box, out_dim: int = 512,
-                 dedupe: bool | None = None) -> None:
+                 dedupe: bool | None = None, max_pool: bool = False) -> None:
         super().__init__()
         height, width, channels = space.shape
         if min(height, width) < self.MIN_SIDE:
@@ -207,12 +216,15 @@ class NatureCNNEncoder(ObservationEncoder):
             nn.ReLU(),
             nn.Conv2d(64, 64, kernel_size=3, stride=1),
             nn.ReLU(),
-            nn.Flatten(),
         )
         with torch.no_grad():
-            flat_dim = self.cnn(torch.zeros(1, channels, height, width)).shape[1]
-        self.linear = nn.Linear(flat_dim, out_dim)
+            maps = self.cnn(torch.zeros(1, channels, height, width))  # (1, 64, h, w)
+        self.linear = nn.Linear(maps[0].numel(), out_dim)
         self.apply(_orthogonal_init)
+        self.pooled = None
+        if max_pool:
+            self.pooled = nn.Linear(maps.shape[1], out_dim, bias=False)
+            nn.init.orthogonal_(self.pooled.weight, math.sqrt(2))
         self.output_dim = out_dim
         self.dedupe = dedupe
 
@@ -231,7 +243,11 @@ class NatureCNNEncoder(ObservationEncoder):
         """The CNN on every image of ``obs`` ``[B, H, W, C]`` (no dedupe)."""
         # (B, H, W, C) -> (B, C, H, W), in [0, 1]
         pixels = obs.permute(0, 3, 1, 2).float() / 255.0
-        return torch.relu(self.linear(self.cnn(pixels)))
+        maps = self.cnn(pixels)  # (B, 64, h, w)
+        features = self.linear(maps.flatten(1))
+        if self.pooled is not None:
+            features = features + self.pooled(maps.amax((2, 3)))
+        return torch.relu(features)
 
 
 class NatureCNNDecoder(nn.Module):
@@ -338,14 +354,15 @@ class DictEncoder(ObservationEncoder):
     :param space: ``Dict`` space.
     :param out_dim: passed to every part's encoder (``None``: each part's default).
     :param dedupe: passed to every part's encoder (see :func:`make_encoder`).
+    :param max_pool: likewise.
     """
 
     def __init__(self, space: spaces.Dict, out_dim: int | None = None,
-                 dedupe: bool | None = None) -> None:
+                 dedupe: bool | None = None, max_pool: bool = False) -> None:
         super().__init__()
         self.keys = sorted(space.spaces)
         self.parts = nn.ModuleDict(
-            {key: make_encoder(space[key], out_dim, dedupe) for key in self.keys}
+            {key: make_encoder(space[key], out_dim, dedupe, max_pool) for key in self.keys}
         )
         self.output_dim = sum(part.output_dim for part in self.parts.values())
 
@@ -370,7 +387,7 @@ def is_image_space(space: spaces.Space) -> bool:
 
 
 def make_encoder(space: spaces.Space, out_dim: int | None = None,
-                 dedupe: bool | None = None) -> ObservationEncoder:
+                 dedupe: bool | None = None, max_pool: bool = False) -> ObservationEncoder:
     """Choose the encoder for an observation space (rules in the module docstring).
 
     :param space: the (single-environment) observation space.
@@ -378,16 +395,18 @@ def make_encoder(space: spaces.Space, out_dim: int | None = None,
         vector 64).
     :param dedupe: image encoders encode each distinct image of a batch once
         (:class:`NatureCNNEncoder`); the other encoders are cheap enough not to need it.
+    :param max_pool: image encoders add a map of their channels' maxima over positions
+        (:class:`NatureCNNEncoder`); the grid encoder always has one, the others none.
     :raises ValueError: for a space no rule covers, naming it and listing what is supported.
     """
     kwargs = {} if out_dim is None else {"out_dim": out_dim}
     if isinstance(space, spaces.Dict):
-        return DictEncoder(space, out_dim, dedupe)
+        return DictEncoder(space, out_dim, dedupe, max_pool)
     if isinstance(space, spaces.Box):
         if _is_symbolic_grid(space):
             return GridEmbeddingEncoder(space, **kwargs)
         if is_image_space(space):
-            return NatureCNNEncoder(space, dedupe=dedupe, **kwargs)
+            return NatureCNNEncoder(space, dedupe=dedupe, max_pool=max_pool, **kwargs)
         if len(space.shape) == 1:
             return MLPEncoder(space, **kwargs)
     if isinstance(space, (spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary)):

@@ -141,6 +141,39 @@ def test_image_encoder_is_the_nature_cnn_and_takes_uint8_hwc():
     torch.testing.assert_close(encoder(obs), encoder(obs.float()))
 
 
+def square_image(row: int, col: int, colour=(255, 0, 0)) -> torch.Tensor:
+    """A black 84x84 RGB image ``[1, 84, 84, 3]`` with an 8 px square at ``(row, col)``."""
+    image = torch.zeros(1, 84, 84, 3, dtype=torch.uint8)
+    image[0, row:row + 8, col:col + 8] = torch.tensor(colour, dtype=torch.uint8)
+    return image
+
+
+def test_image_encoder_max_pool_recognises_an_object_wherever_it_is_in_view():
+    """The max-over-positions term: with the flattened (what-is-where) map zeroed, a square
+    moved by the CNN's stride (8 px), every window of the last convolution that sees it
+    inside the image in both places, gives equal features; a square of another colour does
+    not; with the flattened map kept, where the square is also matters. Off by default,
+    with the published Nature CNN's parameters (state-dict keys) only."""
+    torch.manual_seed(0)
+    encoder = make_encoder(IMAGE, out_dim=16, max_pool=True)
+    here, there = square_image(40, 48), square_image(48, 40)
+    green = square_image(48, 40, colour=(0, 255, 0))
+    assert not torch.allclose(encoder(here), encoder(there))
+    (encoder(here) - encoder(green)).pow(2).sum().backward()
+    assert encoder.pooled.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        encoder.linear.weight.zero_()
+        encoder.linear.bias.zero_()
+    torch.testing.assert_close(encoder(here), encoder(there))
+    assert not torch.allclose(encoder(there), encoder(green))
+    published = make_encoder(IMAGE)
+    assert published.pooled is None
+    assert set(published.state_dict()) == {f"{part}.{kind}" for part in
+                                           ("cnn.0", "cnn.2", "cnn.4", "linear")
+                                           for kind in ("weight", "bias")}
+    assert set(encoder.state_dict()) == set(published.state_dict()) | {"pooled.weight"}
+
+
 @pytest.mark.parametrize(
     ("shape", "dtype"),
     [((84, 84, 3), torch.uint8), ((3, 5, 1), torch.uint8), ((3,), torch.int16),
@@ -174,11 +207,13 @@ def test_distinct_rows_handles_any_layout_and_size(batch):
     assert len(first) == len({row.numpy().tobytes() for row in batch})
 
 
-def test_image_encoder_with_dedupe_computes_the_full_batch_on_distinct_images():
+@pytest.mark.parametrize("max_pool", [False, True])
+def test_image_encoder_with_dedupe_computes_the_full_batch_on_distinct_images(max_pool):
     images, env = memory_rgb_frames()
     torch.manual_seed(0)
-    deduped = NatureCNNEncoder(env.observation_space, out_dim=32)  # default: dedupe on CPU
-    full = NatureCNNEncoder(env.observation_space, out_dim=32, dedupe=False)
+    # default: dedupe on CPU
+    deduped = NatureCNNEncoder(env.observation_space, out_dim=32, max_pool=max_pool)
+    full = NatureCNNEncoder(env.observation_space, out_dim=32, dedupe=False, max_pool=max_pool)
     full.load_state_dict(deduped.state_dict())
     cnn_batch_sizes = []
     deduped.cnn.register_forward_hook(lambda m, inputs, out: cnn_batch_sizes.append(len(out)))

@@ -42,6 +42,9 @@ CASES = {
                       ("onnx",)),
     # images (uint8 84x84x3, the Nature CNN)
     "image": ({"env.kwargs": {"max_steps": 40, "obs": "rgb"}}, None, ("torchscript",)),
+    # the same with the max over positions (model.encoder_max_pool)
+    "image-max-pool": ({"env.kwargs": {"max_steps": 40, "obs": "rgb"},
+                        "model.encoder_max_pool": True}, None, BOTH),
     # vectors (Box(3,) float32)
     "vector": ({"env.id": "trxl_rl/CueRecall-v0", "env.kwargs": {"delay": 6}}, None,
                ("torchscript",)),

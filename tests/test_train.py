@@ -323,6 +323,17 @@ def test_gtrxl_reads_the_trxl_section_with_gating_on():
     assert agent.memory.config.dim == 32  # small_config's trxl section
 
 
+def test_model_encoder_max_pool_reaches_the_image_encoder_and_old_configs_read_it_off():
+    rgb = {"env.kwargs": {"max_steps": 12, "obs": "rgb"}}
+    env = make_env("MiniGrid-MemoryS9-v0", **rgb["env.kwargs"])
+    pooled = build_agent(small_config(**rgb, **{"model.encoder_max_pool": True}),
+                         env.observation_space, env.action_space)
+    assert pooled.encoder.pooled is not None
+    written_before = config_to_dict(small_config(**rgb))
+    del written_before["model"]["encoder_max_pool"]
+    assert build_config(written_before).model.encoder_max_pool is False
+
+
 def test_cli_help_lists_options_and_overrides():
     result = run_cli("--help")
     assert result.returncode == 0

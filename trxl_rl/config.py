@@ -64,6 +64,10 @@ class ModelConfig:
     :param encoder_dedupe: image encoders run their CNN once per distinct image of a batch
         (the same function up to float rounding; a large saving for rendered grid worlds on
         a CPU, a loss on a GPU; see ``NatureCNNEncoder``). None (default): on CPU only.
+    :param encoder_max_pool: image encoders add a linear map of their last convolution's
+        per-channel maxima over positions, so an object is recognised wherever in the image
+        it is (``NatureCNNEncoder``; the grid encoder always has one). Off by default (the
+        Nature CNN as published).
     :param trxl: fields of :class:`trxl_rl.TrXLConfig` (but ``input_dim``) for ``trxl`` and
         ``gtrxl`` (which always has ``gating`` on).
     :param gru: fields of :class:`trxl_rl.backbones.RecurrentConfig` (``hidden_size``,
@@ -79,6 +83,7 @@ class ModelConfig:
     backbone: str = "trxl"
     encoder_dim: int | None = 64
     encoder_dedupe: bool | None = None
+    encoder_max_pool: bool = False
     trxl: dict = field(default_factory=lambda: dict(TRXL_DEFAULTS))
     gru: dict = field(default_factory=lambda: dict(RNN_DEFAULTS))
     lstm: dict = field(default_factory=lambda: dict(RNN_DEFAULTS))
