@@ -13,7 +13,7 @@ and onnxruntime). Every row runs in its own process, so its peak RSS is its own:
 ``onnx`` row imports neither torch nor trxl_rl, as a deployment would not. The agents
 are freshly initialised (weights do not change the work): the MiniGrid-Memory preset with
 its Transformer-XL (1 x 64, M = 64) and with the GRU, and the published-pixel configuration
-(84x84 RGB, 2 x 256, M = 64; the pixel preset without its decoder).
+(84x84 RGB, 2 x 256, M = 64: row ``b`` of ``benchmarks.run``).
 
 Rows: steps/s = B x calls/s; ``vs`` = the ratio to ``load_agent`` of the same model and B.
 """
@@ -30,11 +30,12 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.run import PIXELS
+
 MODELS = {
     "preset-trxl": {"preset": "MiniGrid-Memory", "overrides": {}},
     "preset-gru": {"preset": "MiniGrid-Memory", "overrides": {"model.backbone": "gru"}},
-    "pixels-trxl": {"preset": "MiniGrid-Memory-RGB",
-                    "overrides": {"ppo.reconstruction_coef": 0.0}},
+    "pixels-trxl": PIXELS,  # the published configuration, as benchmarks.run's row b
 }
 RUNTIMES = ("load_agent", "torchscript", "onnx")
 BATCHES = (1, 16)

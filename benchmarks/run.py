@@ -27,8 +27,10 @@ configuration (84x84 RGB, Nature CNN, 2 x 256, 4 heads, M=64, 16 envs x 256 step
 x 8 minibatches),
 then the same with the CNN run once per distinct image and on every image (``b`` itself
 dedupes on a CPU and not on a GPU: it duplicates ``b-dedupe`` on one, ``b-nodedupe`` on the
-other), and with the auxiliary observation-reconstruction loss that the MiniGrid-Memory-RGB
-preset adds to learn S9 (``b-recon``: the preset as shipped);
+other), with the auxiliary observation-reconstruction loss that the MiniGrid-Memory-RGB
+preset added to learn S9 until 2026-12-06 (``b-recon``), and the preset as shipped
+(``b-preset``: the symbolic preset's 1 x 64 agent after a Nature CNN with a max over
+positions);
 (c) a long memory (M=256, 3 layers x 384, 32 envs x 512 steps, CueRecall with 2,001-step
 episodes), with and without the key/value cache; then scaling in M (16 -> 1024) and in
 episode length (100 -> 10,000 steps), and an endless episode (100,000 steps, no episode end)
@@ -48,8 +50,13 @@ from pathlib import Path
 
 MINIGRID = {"preset": "MiniGrid-Memory"}
 CUE = {"env.id": "trxl_rl/CueRecall-v0", "model.encoder_dim": 64}
-# (b): the RGB preset without its auxiliary loss, i.e. the published configuration's work.
-PIXELS = {"preset": "MiniGrid-Memory-RGB", "overrides": {"ppo.reconstruction_coef": 0.0}}
+# (b): the published TrXL-PPO configuration on the RGB preset's env (the preset's own model
+# is smaller: row b-preset).
+PUBLISHED_PIXELS = {
+    "model.encoder_dim": None, "model.encoder_max_pool": False, "model.trxl.dim": 256,
+    "model.trxl.num_layers": 2, "model.trxl.num_heads": 4, "model.trxl.memory_length": 64,
+    "ppo.epochs": 3, "ppo.minibatches": 8, "ppo.reconstruction_coef": 0.0}
+PIXELS = {"preset": "MiniGrid-Memory-RGB", "overrides": PUBLISHED_PIXELS}
 
 
 def rows(quick: bool) -> list[dict]:
@@ -87,7 +94,10 @@ def rows(quick: bool) -> list[dict]:
         {"name": "b-nodedupe", "what": "the same, CNN on every image (dedupe off)",
          "preset": PIXELS["preset"], "updates": 1, "base": "b",
          "overrides": {**PIXELS["overrides"], "model.encoder_dedupe": False}},
-        {"name": "b-recon", "what": "the MiniGrid-Memory-RGB preset: b + reconstruction loss",
+        {"name": "b-recon", "what": "b + reconstruction loss (the RGB preset to 2026-12-06)",
+         "preset": PIXELS["preset"], "updates": 1, "base": "b",
+         "overrides": {**PIXELS["overrides"], "ppo.reconstruction_coef": 1.0}},
+        {"name": "b-preset", "what": "the MiniGrid-Memory-RGB preset (1 x 64, max-pool CNN)",
          "preset": PIXELS["preset"], "updates": 1, "base": "b"},
         {"name": "c", "what": "long memory: M=256, 3x384, 32x512, 2,001-step episodes, 4 epochs",
          "preset": "MiniGrid-Memory", "updates": 1, "overrides": long_memory},
