@@ -55,7 +55,8 @@ CUE = {"env.id": "trxl_rl/CueRecall-v0", "model.encoder_dim": 64}
 PUBLISHED_PIXELS = {
     "model.encoder_dim": None, "model.encoder_max_pool": False, "model.trxl.dim": 256,
     "model.trxl.num_layers": 2, "model.trxl.num_heads": 4, "model.trxl.memory_length": 64,
-    "ppo.epochs": 3, "ppo.minibatches": 8, "ppo.reconstruction_coef": 0.0}
+    "ppo.epochs": 3, "ppo.minibatches": 8, "ppo.reconstruction_coef": 0.0,
+    "ppo.rollback_kl": None}
 PIXELS = {"preset": "MiniGrid-Memory-RGB", "overrides": PUBLISHED_PIXELS}
 
 
