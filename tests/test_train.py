@@ -358,11 +358,13 @@ def test_cli_trains_from_any_directory_and_writes_logs_config_and_checkpoints(tm
 
 @pytest.mark.parametrize(("env", "bound"), [
     ("MiniGrid-Memory", 0.05), ("MiniGrid-MemoryS13Random", 0.05),
-    ("MiniGrid-MemoryS17Random-v0", 0.05), ("CueRecall", 0.05),
-    ("MiniGrid-Memory-RGB", None), ("MortarMayhem-Grid", None), ("CartPole-v1", None)])
+    ("MiniGrid-MemoryS17Random-v0", 0.05), ("CueRecall", 0.05), ("MiniGrid-Memory-RGB", 0.05),
+    ("MortarMayhem-Grid", None), ("CartPole-v1", None)])
 def test_the_kl_rollback_is_on_where_it_was_measured_and_off_elsewhere(env, bound):
     """benchmarks/README.md, "Where TrXL loses": it kept the symbolic MiniGrid tasks and
-    CueRecall solved; on a POPGym pendulum it cost a seed, so it is not the default."""
+    CueRecall solved, and the pixel S9 preset from falling after high-KL updates
+    (docs/results.md, "A max over positions"); on a POPGym pendulum it cost a seed, so it is
+    not the default."""
     args, overrides = parse_args(["--env", env])
     assert resolve_config(args, overrides).ppo.rollback_kl == bound
 
