@@ -14,7 +14,13 @@ from trxl_rl.backbones import BACKBONES, make_backbone
 from trxl_rl.memory import MemoryBackbone
 
 from .distributions import ActionDistribution, make_action_head
-from .encoders import NatureCNNDecoder, distinct_rows, is_image_space, make_encoder
+from .encoders import (
+    NatureCNNDecoder,
+    ObservationEncoder,
+    distinct_rows,
+    is_image_space,
+    make_encoder,
+)
 from .observations import Obs
 
 
@@ -89,7 +95,12 @@ class MemoryAgent(nn.Module):
         return self.memory.initial_state(batch_size, **kwargs)
 
     def weights_changed(self) -> None:
-        """See :meth:`trxl_rl.memory.MemoryBackbone.weights_changed`."""
+        """Tell the encoder(s) and the backbone that the weights changed unseen by version
+        counters (see :meth:`trxl_rl.memory.MemoryBackbone.weights_changed`): their caches
+        (the image encoder's features, TrXL's keys and values) are rebuilt."""
+        for module in self.modules():
+            if isinstance(module, ObservationEncoder):
+                module.weights_changed()
         self.memory.weights_changed()
 
     def _heads(self, features: Tensor) -> tuple[ActionDistribution, Tensor]:

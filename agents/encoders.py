@@ -25,6 +25,7 @@ too), ``Discrete``, ``MultiDiscrete``, ``MultiBinary``  ``MultiDiscrete`` one-ho
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -55,6 +56,11 @@ class ObservationEncoder(nn.Module):
 
     def forward(self, obs: Tensor | dict[str, Tensor]) -> Tensor:
         raise NotImplementedError
+
+    def weights_changed(self) -> None:
+        """Tell the encoder its weights changed in a way autograd's version counters do not
+        see (fused optimizers, edits through ``p.data``): an encoder that caches features
+        drops them. The default caches nothing; :class:`NatureCNNEncoder` caches."""
 
 
 class GridEmbeddingEncoder(ObservationEncoder):
@@ -173,6 +179,17 @@ class NatureCNNEncoder(ObservationEncoder):
     ~50, so the update's CNN does a tenth of the work. The result is the same function; only
     float rounding can differ, as it does between batch sizes anyway.
 
+    With dedupe, a batch of CPU images without gradient (acting, evaluation) is also looked
+    up, image by image (its bytes), in the features this encoder computed since its weights
+    last changed, and the CNN runs on the images not found: a grid world shows the same few
+    images over and over (~60 in a rollout of S9), so after the first steps an acting step
+    runs no CNN at all. At most ``MEMO_SIZE`` images are kept (then forgotten together).
+    The memo notices weights replaced or changed through autograd-visible ops by their
+    version counters, as :meth:`trxl_rl.TransformerXL.weights_tag` does; after a fused
+    optimizer step or an edit through ``p.data`` call :meth:`weights_changed`
+    (:meth:`MemoryAgent.weights_changed` reaches it; the trainer calls that after every
+    optimizer step).
+
     ``dedupe=None`` (the default) decides per batch from its device: on for CPU tensors, off
     on a GPU. Measured with ``python -m benchmarks.run`` on the published-pixel config (rows
     ``b``, ``b-dedupe``, ``b-nodedupe``): on 2 CPU cores dedupe trains 1.6-1.9x faster; on an
@@ -197,6 +214,7 @@ class NatureCNNEncoder(ObservationEncoder):
     """
 
     MIN_SIDE = 36
+    MEMO_SIZE = 1024  # images whose features are kept for lookup (~23 MB at 84x84x3, 512)
 
     def __init__(self, space: spaces.Box, out_dim: int = 512,
                  dedupe: bool | None = None, max_pool: bool = False) -> None:
@@ -227,17 +245,51 @@ class NatureCNNEncoder(ObservationEncoder):
             nn.init.orthogonal_(self.pooled.weight, math.sqrt(2))
         self.output_dim = out_dim
         self.dedupe = dedupe
+        self._weights_version = 0  # bumped by weights_changed(); part of the memo's tag
+        self._memo: dict[bytes, Tensor] = {}  # image bytes -> features [out_dim]
+        self._memo_tag: tuple | None = None
 
     def forward(self, obs: Tensor) -> Tensor:
         """:param obs: ``[B, H, W, C]`` uint8. :return: ``[B, out_dim]``."""
         # An input that needs its own gradient (saliency maps) gets the full batch: with
         # repeats merged, all of an image's gradient would go to its first occurrence.
         dedupe = obs.device.type == "cpu" if self.dedupe is None else self.dedupe
+        if (dedupe and obs.device.type == "cpu" and not torch.is_grad_enabled()
+                and not obs.requires_grad and not torch.jit.is_tracing()
+                and not torch.compiler.is_compiling()):
+            return self._looked_up(obs)
         if dedupe and len(obs) > 1 and not obs.requires_grad:
             first, inverse = distinct_rows(obs)
             if len(first) < len(obs):
                 return self.encode_all(obs[first])[inverse]
         return self.encode_all(obs)
+
+    def weights_changed(self) -> None:
+        self._weights_version += 1
+
+    def _looked_up(self, obs: Tensor) -> Tensor:
+        """``[B, out_dim]``, the memo's features for the images of ``obs`` ``[B, H, W, C]``
+        (CPU, no gradient) it holds, the CNN's for the others (each distinct one once)."""
+        tag = (self._weights_version, *((p.data_ptr(), p._version) for p in self.parameters()))
+        if tag != self._memo_tag:
+            self._memo.clear()
+            self._memo_tag = tag
+        keys = [image.tobytes() for image in obs.numpy()]
+        new: dict[bytes, int] = {}  # image bytes -> its first row in obs
+        for row, key in enumerate(keys):
+            if key not in self._memo:
+                new.setdefault(key, row)
+        computed: dict[bytes, Tensor] = {}
+        if new:
+            rows = torch.tensor(list(new.values()), device=obs.device)
+            computed = dict(zip(new, self.encode_all(obs.index_select(0, rows)), strict=True))
+        features = [self._memo[key] if key in self._memo else computed[key] for key in keys]
+        if len(self._memo) + len(computed) > self.MEMO_SIZE:
+            self._memo.clear()
+        self._memo.update(itertools.islice(computed.items(), self.MEMO_SIZE))
+        if not features:
+            return torch.zeros(0, self.output_dim, device=obs.device)
+        return torch.stack(features)
 
     def encode_all(self, obs: Tensor) -> Tensor:
         """The CNN on every image of ``obs`` ``[B, H, W, C]`` (no dedupe)."""

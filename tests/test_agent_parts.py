@@ -232,6 +232,66 @@ def test_image_encoder_with_dedupe_computes_the_full_batch_on_distinct_images(ma
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5 * b.grad.abs().max())
 
 
+def test_image_encoder_without_grad_looks_up_the_images_it_has_seen_since_its_weights_changed():
+    images, env = memory_rgb_frames()
+    torch.manual_seed(0)
+    encoder = NatureCNNEncoder(env.observation_space, out_dim=32)
+    cnn_batch_sizes = []
+    encoder.cnn.register_forward_hook(lambda m, inputs, out: cnn_batch_sizes.append(len(out)))
+    distinct = len(distinct_rows(images)[0])
+    with torch.no_grad():
+        first = encoder(images[:8])
+        seen = len(distinct_rows(images[:8])[0])
+        again = torch.cat([encoder(images[i:i + 4]) for i in range(0, len(images), 4)])
+        full = encoder.encode_all(images)
+    # Each distinct image went through the CNN once; the later calls found the rest.
+    assert sum(cnn_batch_sizes[:-1]) == distinct and cnn_batch_sizes[0] == seen
+    torch.testing.assert_close(first, full[:8])
+    torch.testing.assert_close(again, full)
+
+    # A step through autograd-visible ops (a plain optimizer) is noticed by version counters.
+    optimizer = torch.optim.SGD(encoder.parameters(), lr=0.1)
+    encoder(images).square().sum().backward()
+    optimizer.step()
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(images), encoder.encode_all(images))
+        assert not torch.allclose(encoder(images), full)
+        # An edit through .data is not: weights_changed() drops the memo.
+        old = encoder(images)
+        encoder.linear.weight.data.mul_(2.0)
+        assert torch.equal(encoder(images), old)
+        encoder.weights_changed()
+        torch.testing.assert_close(encoder(images), encoder.encode_all(images))
+
+
+def test_the_agents_weights_changed_reaches_its_image_encoder_and_the_memo_stays_bounded(
+        monkeypatch):
+    from trxl_rl.agents import MemoryAgent
+
+    images, env = memory_rgb_frames()
+    def memory(input_dim):
+        return TransformerXL(TrXLConfig(input_dim=input_dim, dim=16, num_layers=1, num_heads=2,
+                                        memory_length=4))
+    agent = MemoryAgent(env.observation_space, env.action_space, memory, encoder_dim=16)
+    monkeypatch.setattr(NatureCNNEncoder, "MEMO_SIZE", 5)
+    with torch.no_grad():
+        for i in range(len(images)):
+            agent.encoder(images[i:i + 1])
+            assert len(agent.encoder._memo) <= 5
+        before = agent.encoder(images)
+        for p in agent.encoder.parameters():
+            p.data.add_(0.1)
+        agent.weights_changed()
+        after = agent.encoder(images)
+    torch.testing.assert_close(after, agent.encoder.encode_all(images))
+    assert not torch.allclose(before, after)
+    # Without dedupe nothing is kept.
+    plain = NatureCNNEncoder(env.observation_space, out_dim=16, dedupe=False)
+    with torch.no_grad():
+        plain(images)
+    assert not plain._memo
+
+
 def memory_rgb_frames():
     """Real MiniGrid-MemoryS9 RGB frames ``[19, 84, 84, 3]`` with repeats, and the env."""
     from trxl_rl.envs import make_env

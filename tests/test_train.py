@@ -176,6 +176,15 @@ def test_first_minibatch_reproduces_the_rollout_for_every_backbone(tmp_path, bac
         "log_dir": str(tmp_path)}))
 
 
+def test_first_minibatch_reproduces_the_rollout_on_pixels_across_updates(tmp_path):
+    """Acting looks images' features up in the CNN's memo (on a CPU); after each (fused)
+    optimizer step the trainer must have dropped it, or the next rollout acts on stale
+    features and its first minibatch would not reproduce it."""
+    assert_first_minibatch_reproduces_the_rollout(small_config(**{
+        "env.kwargs.obs": "rgb", "ppo.rollout_steps": 32, "total_steps": 192,
+        "ppo.learning_rate": 0.01, "log_dir": str(tmp_path)}))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_every_backbone_trains_on_cuda_and_reproduces_the_rollout(tmp_path, backbone):

