@@ -33,6 +33,8 @@ import torch
 from gymnasium import spaces
 from torch import Tensor, nn
 
+from trxl_rl.memory import parameter_versions
+
 SUPPORTED_SPACES = (
     "Box(H, W, C) with integer dtype, low >= 0 and max(high) < 255 (symbolic grid); "
     "Box(H, W, C) uint8 with high 255 and H, W >= 36 (image); "
@@ -270,7 +272,7 @@ class NatureCNNEncoder(ObservationEncoder):
     def _looked_up(self, obs: Tensor) -> Tensor:
         """``[B, out_dim]``, the memo's features for the images of ``obs`` ``[B, H, W, C]``
         (CPU, no gradient) it holds, the CNN's for the others (each distinct one once)."""
-        tag = (self._weights_version, *((p.data_ptr(), p._version) for p in self.parameters()))
+        tag = (self._weights_version, *parameter_versions(self))
         if tag != self._memo_tag:
             self._memo.clear()
             self._memo_tag = tag
@@ -283,7 +285,7 @@ class NatureCNNEncoder(ObservationEncoder):
         if new:
             rows = torch.tensor(list(new.values()), device=obs.device)
             computed = dict(zip(new, self.encode_all(obs.index_select(0, rows)), strict=True))
-        features = [self._memo[key] if key in self._memo else computed[key] for key in keys]
+        features = [self._memo.get(key, computed.get(key)) for key in keys]
         if len(self._memo) + len(computed) > self.MEMO_SIZE:
             self._memo.clear()
         self._memo.update(itertools.islice(computed.items(), self.MEMO_SIZE))

@@ -106,6 +106,13 @@ class MemoryBackbone(nn.Module):
         computed from the weights drop those caches. The default has none."""
 
 
+def parameter_versions(module: nn.Module) -> tuple[tuple[int, int], ...]:
+    """``(data_ptr, version counter)`` of every parameter of ``module``: changes when a
+    parameter is replaced or modified in place through autograd-visible ops, the part of a
+    cache tag that needs no telling (fused optimizers and ``p.data`` edits do not count)."""
+    return tuple((p.data_ptr(), p._version) for p in module.parameters())
+
+
 @dataclass
 class TrXLConfig:
     """Hyperparameters of :class:`TransformerXL`.
@@ -469,8 +476,7 @@ class TransformerXL(MemoryBackbone):
         counters: call :meth:`weights_changed` after them, e.g. with
         ``optimizer.register_step_post_hook(lambda *_: trxl.weights_changed())`` (the
         trainer does this for its own optimizer)."""
-        return (self._instance, self._weights_version,
-                *((p.data_ptr(), p._version) for p in self.parameters()))
+        return (self._instance, self._weights_version, *parameter_versions(self))
 
     def weights_changed(self) -> None:
         """Invalidate every key/value cache built with the current weights."""
