@@ -75,6 +75,8 @@ def rows(quick: bool) -> list[dict]:
          "updates": n, "base": "a", "overrides": {"model.trxl.num_layers": 2,
                                                   "model.trxl.dim": 128,
                                                   "model.encoder_dim": 256}},
+        {"name": "a-seg64", "what": "the same with segments of 64 (= M) instead of 32",
+         **MINIGRID, "updates": n, "base": "a", "overrides": {"ppo.segment_length": 64}},
         {"name": "a-nocache", "what": "preset, no key/value cache in rollout inference",
          **MINIGRID, "updates": n, "base": "a", "state": {"kv_cache": False}},
     ]
