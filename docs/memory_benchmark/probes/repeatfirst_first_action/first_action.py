@@ -40,9 +40,8 @@ def episodes_of(path: str, episodes: int) -> list[np.ndarray]:
     with torch.no_grad():
         while len(done_episodes) < episodes:
             x = obs_to_tensor(obs, "cpu")
-            greedy = agent.act(x, state, start, True).action.numpy()
-            out = agent.act(x, state, start, False)  # the state is not changed by acting
-            state, action = out.state, out.action.numpy()
+            dist, _, state = agent.step(x, state, start)  # what act() samples from
+            greedy, action = dist.mode().numpy(), dist.sample().numpy()
             for i in range(NUM_ENVS):
                 current[i].append((t[i], first[i], action[i], greedy[i]))
             obs, _, terminated, truncated, _ = envs.step(action)
@@ -84,6 +83,7 @@ def main() -> None:
     parser.add_argument("--curve", help="benchmarks.compare result JSON of the run")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    torch.manual_seed(SEED)  # the action samples (the JSONs of 2026-12-07 were drawn unseeded)
     curve = None
     if args.curve:
         with open(args.curve) as f:
