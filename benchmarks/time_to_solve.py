@@ -3,13 +3,12 @@ speed measured in the same sitting.
 
     python -m benchmarks.time_to_solve                        # seeds 1-3, the bare command
     python -m benchmarks.time_to_solve --seeds 4 5 --set threads=null ppo.epochs=4
-    python -m benchmarks.time_to_solve --ranks 2              # torchrun, 2 ranks x 1 thread
+    python -m benchmarks.time_to_solve --set ranks=2          # 2 ranks x 1 thread
 
 Each seed runs ``python -m trxl_rl.train --env MiniGrid-Memory --seed S`` (plus ``--KEY VALUE``
 for every ``--set``) in a fresh process in a temporary directory, one after another, nothing
-else of this script running beside it (with ``--ranks R``: ``torchrun --standalone
---nproc-per-node R -m trxl_rl.train ...``, each rank its own ``env.num_envs`` envs), and
-reports:
+else of this script running beside it (with ``--set ranks=R`` the command starts R ranks
+itself, each its own ``env.num_envs`` envs), and reports:
 
 - whole: wall-clock of the whole command (start-up, training, final evaluation);
 - threshold: training steps and training seconds when the training success first reached the
@@ -50,14 +49,10 @@ def gauge() -> float:
     return json.loads(out.stdout.strip().splitlines()[-1])["sps"]
 
 
-def solve(seed: int, overrides: dict, ranks: int = 1) -> dict:
-    """Run the README's first command for ``seed`` (on ``ranks`` torchrun ranks); its
-    wall-clock and summary."""
-    launch = [sys.executable] if ranks == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-        str(ranks)]
+def solve(seed: int, overrides: dict) -> dict:
+    """Run the README's first command for ``seed``; its wall-clock and summary."""
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [*launch, "-m", "trxl_rl.train", "--env", "MiniGrid-Memory",
+        cmd = [sys.executable, "-m", "trxl_rl.train", "--env", "MiniGrid-Memory",
                "--seed", str(seed), "--run-name", "solve", "--progress", "false"]
         for key, value in overrides.items():
             cmd += [f"--{key}", json.dumps(value)]
@@ -99,25 +94,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="config overrides passed to the command as --KEY VALUE")
-    parser.add_argument("--ranks", type=int, default=1, help="torchrun ranks per run")
     parser.add_argument("--json", default="benchmarks/out/time_to_solve.json")
     args = parser.parse_args(argv)
     overrides = parse_set(args.set)
     before = gauge()
     runs = []
     for seed in args.seeds:
-        runs.append(solve(seed, overrides, args.ranks))
+        runs.append(solve(seed, overrides))
         print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
     after = gauge()
     host_gauge = (before + after) / 2
-    launch = "python" if args.ranks == 1 else f"torchrun --nproc-per-node {args.ranks}"
-    header = (f"`{launch} -m trxl_rl.train --env MiniGrid-Memory` {' '.join(args.set)}; gauge "
+    header = (f"`python -m trxl_rl.train --env MiniGrid-Memory` {' '.join(args.set)}; gauge "
               f"(env-only steps/s) {before:,.0f} before, {after:,.0f} after; scaled = x "
               f"{host_gauge:,.0f} / {REFERENCE_GAUGE:,}")
     print(header + "\n\n" + table(runs, host_gauge))
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"header": header, "overrides": overrides, "ranks": args.ranks,
+    path.write_text(json.dumps({"header": header, "overrides": overrides,
                                 "gauge_before": before, "gauge_after": after,
                                 "reference_gauge": REFERENCE_GAUGE, "runs": runs}, indent=2))
     return 0

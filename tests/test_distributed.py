@@ -2,8 +2,9 @@
 reduced statistics, checkpoints of every rank, exact resume, faults.
 
 The end-to-end tests start 2 ranks with torchrun (gloo on CPU, one thread each) on a tiny run,
-through ``rank_recorder.py``, which records what each rank saw. One such run (~10 s) is part of
-the default test run; those marked ``distributed`` (resume, signals, lost ranks: ~10-20 s
+through ``rank_recorder.py``, which records what each rank saw, or with ``python -m
+trxl_rl.train --ranks 2``. Two such runs (~10 s each) are part of the default test run; those
+marked ``distributed`` (resume, signals, lost ranks: ~10-20 s
 each) run with ``pytest -m distributed``.
 """
 
@@ -236,15 +237,51 @@ def test_checkpoints_hold_every_ranks_training_state_with_distinct_env_seeds(two
     assert load_agent(two_ranks.run) is not None  # evaluated like any checkpoint
 
 
+def test_a_run_records_the_ranks_torchrun_started(two_ranks):
+    assert load_checkpoint(two_ranks.run, resume=True)["config"]["ranks"] == 2
+
+
 def test_resuming_with_another_number_of_ranks_is_one_line_exit_2_and_writes_nothing(
-        two_ranks, capsys):
-    before = {f: (two_ranks.work / f).stat().st_mtime_ns for f in files_under(two_ranks.work)}
-    assert main(["--resume", str(two_ranks.run)]) == 2
+        two_ranks, tmp_path, capsys):
+    """A 2-rank checkpoint whose config says 1 rank (those written under torchrun before the
+    config recorded ``ranks``), resumed by one process."""
+    checkpoint = torch.load(latest_checkpoint(two_ranks.run), weights_only=False)
+    checkpoint["config"].pop("ranks")
+    old = tmp_path / "old.pt"
+    torch.save(checkpoint, old)
+    before = {f: (tmp_path / f).stat().st_mtime_ns for f in files_under(tmp_path)}
+    assert main(["--resume", str(old)]) == 2
     err = capsys.readouterr().err
     assert "was written by 2 ranks and this run has a single process" in err
     assert len(err.strip().splitlines()) == 1
-    assert {f: (two_ranks.work / f).stat().st_mtime_ns
-            for f in files_under(two_ranks.work)} == before
+    assert {f: (tmp_path / f).stat().st_mtime_ns for f in files_under(tmp_path)} == before
+
+
+def test_ranks_2_starts_two_ranks_that_train_exactly_as_torchrun_does(two_ranks, tmp_path):
+    """``python -m trxl_rl.train --ranks 2``: the same run as the torchrun fixture's, bit for
+    bit, with nothing on stderr."""
+    result = subprocess.run(
+        [sys.executable, "-m", "trxl_rl.train", *TINY, "--ranks", "2", "--total-steps",
+         str(3 * STEPS_PER_UPDATE), "--checkpoint_every", "1", "--eval_episodes", "2",
+         "--log_dir", "runs", "--run-name", "a"],
+        capture_output=True, text=True, cwd=tmp_path, env=ENV, timeout=TIME_LIMIT)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    a = load_checkpoint(two_ranks.run, resume=True)
+    b = load_checkpoint(tmp_path / "runs" / "a", resume=True)
+    assert b["world_size"] == 2 and b["config"]["ranks"] == 2
+    for key in a.keys() - {"config", "path", "timing"}:  # timing: wall-clock seconds
+        checkpoint_keys_equal(a[key], b[key], key)
+    summary = json.loads((tmp_path / "runs" / "a" / "summary.json").read_text())
+    assert summary["global_step"] == 3 * STEPS_PER_UPDATE
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "1.5"])
+def test_a_bad_ranks_value_is_one_line_exit_2(tmp_path, capsys, value):
+    assert main([*TINY, "--ranks", value, "--log_dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "ranks" in err and len(err.splitlines()) == 1
+    assert files_under(tmp_path) == []
 
 
 # --- resume, signals and lost ranks (pytest -m distributed) ---------------------------------
@@ -275,6 +312,33 @@ def test_resumed_two_rank_run_equals_the_uninterrupted_run_bit_for_bit(two_ranks
     for key in a.keys() - {"config", "path", "timing"}:  # timing: wall-clock seconds
         checkpoint_keys_equal(a[key], b[key], key)
     assert a["timing"]["threshold"]["steps"] == b["timing"]["threshold"]["steps"]
+
+
+@pytest.mark.distributed
+def test_ctrl_c_reaches_the_ranks_that_ranks_2_started_once_and_the_run_resumes(tmp_path):
+    """Ctrl+C in the terminal of ``python -m trxl_rl.train --ranks 2`` (SIGINT to it; its ranks
+    have their own session) stops both ranks after one update and one checkpoint, exit 130;
+    ``python -m trxl_rl.train --resume`` starts 2 ranks again and continues."""
+    launcher = subprocess.Popen([sys.executable, "-m", "trxl_rl.train", *LONG_RUN, "--ranks",
+                                 "2"], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    wait_for(tmp_path / "runs" / "r" / "checkpoints" / "update_0000001.pt", launcher)
+    launcher.send_signal(signal.SIGINT)
+    _, stderr = launcher.communicate(timeout=TIME_LIMIT)
+    assert launcher.returncode == 130, stderr
+    assert stderr.count("SIGINT: saving a checkpoint after this update") == 1
+    [line] = [line for line in stderr.splitlines() if line.startswith("stopped by SIGINT")]
+    assert line.endswith("continue with: python -m trxl_rl.train --resume runs/r")
+    assert "Traceback" not in stderr
+    saved = load_checkpoint(tmp_path / "runs" / "r", resume=True)
+    assert saved["world_size"] == 2
+    steps = saved["counters"]["global_step"] + STEPS_PER_UPDATE
+    resumed = subprocess.run([sys.executable, "-m", "trxl_rl.train", "--resume", "runs/r",
+                              "--total-steps", str(steps)], capture_output=True, text=True,
+                             cwd=tmp_path, env=ENV, timeout=TIME_LIMIT)
+    assert resumed.returncode == 0, resumed.stderr
+    final = load_checkpoint(tmp_path / "runs" / "r", resume=True)
+    assert final["world_size"] == 2 and final["counters"]["global_step"] == steps
 
 
 @pytest.mark.distributed
@@ -372,8 +436,7 @@ def test_a_signal_to_torchrun_saves_once_and_every_rank_exits(tmp_path, signum, 
     name = signal.Signals(signum).name
     assert stderr.count(f"{name}: saving a checkpoint after this update") == 1  # rank 0 only
     [line] = [line for line in stderr.splitlines() if line.startswith(f"stopped by {name}")]
-    assert line.endswith("continue with: torchrun --standalone --nproc-per-node 2 -m "
-                         "trxl_rl.train --resume runs/r")
+    assert line.endswith("continue with: python -m trxl_rl.train --resume runs/r")
     saved = load_checkpoint(tmp_path / "runs" / "r", resume=True)
     assert f"saving {Path(saved['path']).relative_to(tmp_path)};" in line
     assert saved["world_size"] == 2 and len(saved["other_ranks"]) == 1
@@ -462,7 +525,8 @@ def test_more_cuda_ranks_than_gpus_are_refused_in_one_line(tmp_path):
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: rank 1: local rank 1 has no GPU of its own (1 visible): start at "
-                      "most 1 ranks per machine (--nproc-per-node) or train with --device cpu"]
+                      "most 1 ranks per machine (--ranks, or torchrun's --nproc-per-node) or "
+                      "train with --device cpu"]
     assert files_under(tmp_path) == []
 
 

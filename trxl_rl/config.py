@@ -178,7 +178,14 @@ class TrainConfig:
     :param threads: torch CPU threads (None: torch's default, one per core). One by default:
         at these model sizes a second thread gains ~8% on an idle 2-core machine and makes a
         run 3.7x slower when another process holds a core (``benchmarks.scaling --beside``);
-        use both cores with two ranks (``torchrun``) or a second run instead.
+        use both cores with two ranks (``--ranks 2``) or a second run instead.
+    :param ranks: data-parallel processes that ``python -m trxl_rl.train`` starts on this
+        machine, each with its own ``env.num_envs`` envs, as ``torchrun --standalone
+        --nproc-per-node ranks`` would (:func:`trxl_rl.distributed.start_local_ranks`); under
+        ``torchrun``, which starts them itself, its count is used (and recorded) instead. A run
+        resumes with as many as wrote it. 1 by default (benchmarks/README.md, "Time to solve":
+        2 ranks of 16 envs x 128 steps ran 1.13x the steps/s of one process of 16 x 256 alone
+        and 0.9x beside another job, and solved S9 no sooner).
     :param checkpoint_every: updates between checkpoints (one is always written at the end).
     :param eval_episodes: episodes of the final evaluation on seeds not used in training
         (0 disables it).
@@ -207,6 +214,7 @@ class TrainConfig:
     total_steps: int = 500_000
     device: str = "auto"
     threads: int | None = 1
+    ranks: int = 1
     run_name: str | None = None
     log_dir: str = "runs"
     checkpoint_every: int = 25
@@ -229,7 +237,7 @@ class TrainConfig:
             "ppo.segment_length": ppo.segment_length, "ppo.epochs": ppo.epochs,
             "ppo.minibatches": ppo.minibatches, "total_steps": self.total_steps,
             "checkpoint_every": self.checkpoint_every, "ppo.learning_rate": ppo.learning_rate,
-            "stop_updates": self.stop_updates,
+            "stop_updates": self.stop_updates, "ranks": self.ranks,
         }
         for name, value in positive.items():
             if value <= 0:

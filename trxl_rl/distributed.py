@@ -1,12 +1,14 @@
 """Data-parallel training with ``torch.distributed``: one process (rank) per core or GPU.
 
     torchrun --standalone --nproc-per-node 4 -m trxl_rl.train --env MiniGrid-Memory
+    python -m trxl_rl.train --env MiniGrid-Memory --ranks 4      # the same, on one machine
 
 ``torchrun`` (or ``python -m torch.distributed.run``) starts the ranks and sets ``RANK``,
-``WORLD_SIZE`` and ``LOCAL_RANK``; without them :class:`Ranks` is a single process and every
-method below does nothing (no process group, the same computation as before). Each rank owns
-its vector of environments, their memory and its rollout, and runs the same update loop; the
-ranks meet in three places:
+``WORLD_SIZE`` and ``LOCAL_RANK``; so does :func:`start_local_ranks`, which the trainer's CLI
+calls when the config's ``ranks`` is more than 1 (``--ranks K``). Without
+them :class:`Ranks` is a single process and every method below does nothing (no process
+group, the same computation as before). Each rank owns its vector of environments, their
+memory and its rollout, and runs the same update loop; the ranks meet in three places:
 
 - every minibatch, :meth:`Ranks.average_gradients`: the mean of the ranks' gradients (and of
   their ``approx_kl``, so a ``target_kl`` early stop is decided the same way on every rank);
@@ -35,8 +37,13 @@ This module imports torch, numpy and the standard library only.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
+import signal
+import socket
+import subprocess
+import sys
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
@@ -73,6 +80,51 @@ def launch_command(world_size: int) -> str:
     if world_size == 1:
         return "python -m trxl_rl.train"
     return f"torchrun --standalone --nproc-per-node {world_size} -m trxl_rl.train"
+
+
+def start_local_ranks(world_size: int, argv: list[str],
+                      module: str = "trxl_rl.train") -> int:
+    """Run ``python -m module argv`` as ``world_size`` ranks of one machine, as ``torchrun
+    --standalone --nproc-per-node world_size`` would start them (the variables it sets, a
+    free local port for the gloo group), and wait for them; returns the exit code: rank 0's
+    if it failed, else the first other rank's that did, else 0.
+
+    How ``python -m trxl_rl.train`` uses both cores when the config says ``ranks: 2``. The
+    ranks run in their own session, so a terminal's Ctrl+C reaches them once, through this
+    process: SIGINT and SIGTERM are passed on to every rank (the first asks each to save a
+    checkpoint after its update and stop, a second stops them at once, as for one process).
+    """
+    with socket.socket() as probe:  # a free port for the ranks' rendezvous on this machine
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+            "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size)}
+    procs = [subprocess.Popen([sys.executable, "-m", module, *argv], start_new_session=True,
+                              env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              preexec_fn=_end_with_parent)
+             for r in range(world_size)]
+
+    def pass_on(signum, _frame):
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    previous = {s: signal.signal(s, pass_on) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        codes = [proc.wait() for proc in procs]
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    codes = [code if code >= 0 else 128 - code for code in codes]  # -N: killed by signal N
+    return next((code for code in codes if code), 0)
+
+
+def _end_with_parent() -> None:
+    """In a rank about to start (Linux): SIGTERM when the process that started it ends, so a
+    launcher killed outright leaves no ranks training on (they save and stop, as on a SIGTERM
+    of their own). Elsewhere a no-op."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def reduce_rows(rows: np.ndarray, ops: list[str]) -> np.ndarray:
@@ -165,8 +217,8 @@ class Ranks:
         if self.local_rank >= count:
             raise ValueError(
                 f"local rank {self.local_rank} has no GPU of its own ({count} visible): start "
-                f"at most {count} ranks per machine (--nproc-per-node) or train with "
-                "--device cpu")
+                f"at most {count} ranks per machine (--ranks, or torchrun's --nproc-per-node) "
+                "or train with --device cpu")
 
     def device(self, device: torch.device) -> torch.device:
         """The device this rank trains on: ``cuda:LOCAL_RANK`` for a CUDA run of several ranks

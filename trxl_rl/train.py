@@ -69,7 +69,13 @@ from trxl_rl.config import (
     read_yaml,
     resolve_device,
 )
-from trxl_rl.distributed import RankLost, Ranks, launch_command, weights_digest
+from trxl_rl.distributed import (
+    RankLost,
+    Ranks,
+    launch_command,
+    start_local_ranks,
+    weights_digest,
+)
 from trxl_rl.memory import TrXLConfig
 from trxl_rl.metrics import (
     Metrics,
@@ -606,12 +612,16 @@ def _main(argv: list[str] | None, ranks: Ranks) -> int:
                 raise ConfigError("--resume takes env and config from the checkpoint; "
                                   "drop --env/--config")
             resume = load_checkpoint(args.resume, resume=True)
-            check_world_size(resume, ranks.world_size)
             cfg = resume_config(resume, overrides)
         else:
             cfg = resolve_config(args, overrides)
-        try:
-            ranks.check_device(resolve_device(cfg.device))
+        if ranks.distributed:  # torchrun started the ranks: the config records how many
+            cfg.ranks = ranks.world_size
+        if resume is not None:
+            check_world_size(resume, cfg.ranks)
+        try:  # the ranks this run has, or those this process will start
+            planned = ranks if ranks.distributed else Ranks(0, cfg.ranks, cfg.ranks - 1)
+            planned.check_device(resolve_device(cfg.device))
         except ValueError as err:
             raise ConfigError(str(err)) from None
         try:
@@ -649,6 +659,8 @@ def _main(argv: list[str] | None, ranks: Ranks) -> int:
             print(f"error: {message}" if rank == 0 else f"error: rank {rank}: {message}",
                   file=sys.stderr)
         return 2
+    if cfg.ranks > 1 and not ranks.distributed:  # everything checked: start the ranks
+        return start_local_ranks(cfg.ranks, sys.argv[1:] if argv is None else list(argv))
     try:
         summary = train(cfg, resume=resume, ranks=ranks)
     except (CheckpointError, ConfigError) as err:  # found before the run writes anything
@@ -669,9 +681,10 @@ def _main(argv: list[str] | None, ranks: Ranks) -> int:
 
 
 def resume_command(ranks: Ranks) -> str:
-    """The command that continues a run of ``ranks`` (before its ``--resume RUN``)."""
+    """The command that continues a run of ``ranks`` (before its ``--resume RUN``): on one
+    machine the plain CLI, which starts as many ranks as the run's config records."""
     if int(os.environ.get("LOCAL_WORLD_SIZE", ranks.world_size)) == ranks.world_size:
-        return launch_command(ranks.world_size)  # one machine
+        return launch_command(1)  # one machine
     return f"the same torchrun command ({ranks.world_size} ranks) with -m trxl_rl.train"
 
 
