@@ -342,6 +342,25 @@ def test_ctrl_c_reaches_the_ranks_that_ranks_2_started_once_and_the_run_resumes(
 
 
 @pytest.mark.distributed
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_ranks_that_ranks_2_started_stop_when_their_launcher_is_killed(tmp_path):
+    """SIGKILL to ``python -m trxl_rl.train --ranks 2`` (no chance to pass anything on): its
+    ranks get SIGTERM from the kernel, save a checkpoint after their update and exit."""
+    launcher = subprocess.Popen([sys.executable, "-m", "trxl_rl.train", *LONG_RUN, "--ranks",
+                                 "2"], cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+    wait_for(tmp_path / "runs" / "r" / "checkpoints" / "update_0000001.pt", launcher)
+    pids = [rank_pid(launcher, rank) for rank in (0, 1)]
+    launcher.kill()
+    launcher.wait()
+    deadline = time.monotonic() + 60
+    while any(running(pid) for pid in pids):
+        assert time.monotonic() < deadline, "the ranks went on training"
+        time.sleep(0.1)
+    assert load_checkpoint(tmp_path / "runs" / "r", resume=True)["world_size"] == 2
+
+
+@pytest.mark.distributed
 @pytest.mark.parametrize("guard,changed", [("target_kl", "losses/minibatch_updates"),
                                            ("rollback_kl", "losses/rolled_back"),
                                            ("lr_target_kl", "charts/learning_rate_factor")])
@@ -403,6 +422,14 @@ def wait_for(path: Path, process: subprocess.Popen, seconds: float = 60) -> None
         assert process.poll() is None, process.communicate()
         assert time.monotonic() < deadline, f"{path} never appeared"
         time.sleep(0.05)
+
+
+def running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def rank_pid(launcher: subprocess.Popen, rank: int) -> int:

@@ -63,6 +63,7 @@ TIMEOUT_VARIABLE = "TRXL_RL_COLLECTIVE_TIMEOUT"
 FINISH_TIMEOUT = timedelta(days=7)  # Ranks.finish: no limit that a run would meet
 
 REDUCTIONS = ("mean", "sum", "max", "min")
+LINUX = sys.platform.startswith("linux")
 
 
 class RankLost(RuntimeError):
@@ -101,7 +102,7 @@ def start_local_ranks(world_size: int, argv: list[str],
             "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size)}
     procs = [subprocess.Popen([sys.executable, "-m", module, *argv], start_new_session=True,
                               env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
-                              preexec_fn=_end_with_parent)
+                              preexec_fn=_end_with_parent if LINUX else None)
              for r in range(world_size)]
 
     def pass_on(signum, _frame):
@@ -120,11 +121,10 @@ def start_local_ranks(world_size: int, argv: list[str],
 
 
 def _end_with_parent() -> None:
-    """In a rank about to start (Linux): SIGTERM when the process that started it ends, so a
-    launcher killed outright leaves no ranks training on (they save and stop, as on a SIGTERM
-    of their own). Elsewhere a no-op."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    """In a rank about to start (Linux only): SIGTERM when the process that started it ends,
+    so a launcher killed outright leaves no ranks training on (they save and stop, as on a
+    SIGTERM of their own)."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def reduce_rows(rows: np.ndarray, ops: list[str]) -> np.ndarray:
