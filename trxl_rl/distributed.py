@@ -5,9 +5,9 @@
 
 ``torchrun`` (or ``python -m torch.distributed.run``) starts the ranks and sets ``RANK``,
 ``WORLD_SIZE`` and ``LOCAL_RANK``; so does :func:`start_local_ranks`, which the trainer's CLI
-calls when the config's ``ranks`` is more than 1 (``--ranks K``). Without
-them :class:`Ranks` is a single process and every method below does nothing (no process
-group, the same computation as before). Each rank owns its vector of environments, their
+calls when the config's ``ranks`` is more than 1 (``--ranks K``). Without them
+:class:`Ranks` is a single process and every method below does nothing (no process group, the
+same computation as before). Each rank owns its vector of environments, their
 memory and its rollout, and runs the same update loop; the ranks meet in three places:
 
 - every minibatch, :meth:`Ranks.average_gradients`: the mean of the ranks' gradients (and of
