@@ -4,8 +4,8 @@ reduced statistics, checkpoints of every rank, exact resume, faults.
 The end-to-end tests start 2 ranks with torchrun (gloo on CPU, one thread each) on a tiny run,
 through ``rank_recorder.py``, which records what each rank saw, or with ``python -m
 trxl_rl.train --ranks 2``. Two such runs (~10 s each) are part of the default test run; those
-marked ``distributed`` (resume, signals, lost ranks: ~10-20 s
-each) run with ``pytest -m distributed``.
+marked ``distributed`` (resume, signals, lost ranks: ~10-20 s each) run with ``pytest -m
+distributed``.
 """
 
 import json

@@ -83,9 +83,8 @@ def launch_command(world_size: int) -> str:
     return f"torchrun --standalone --nproc-per-node {world_size} -m trxl_rl.train"
 
 
-def start_local_ranks(world_size: int, argv: list[str],
-                      module: str = "trxl_rl.train") -> int:
-    """Run ``python -m module argv`` as ``world_size`` ranks of one machine, as ``torchrun
+def start_local_ranks(world_size: int, argv: list[str]) -> int:
+    """Run ``python -m trxl_rl.train argv`` as ``world_size`` ranks of one machine, as ``torchrun
     --standalone --nproc-per-node world_size`` would start them (the variables it sets, a
     free local port for the gloo group), and wait for them; returns the exit code: rank 0's
     if it failed, else the first other rank's that did, else 0.
@@ -100,8 +99,8 @@ def start_local_ranks(world_size: int, argv: list[str],
         port = probe.getsockname()[1]
     base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
             "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size)}
-    procs = [subprocess.Popen([sys.executable, "-m", module, *argv], start_new_session=True,
-                              env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
+    procs = [subprocess.Popen([sys.executable, "-m", "trxl_rl.train", *argv],
+                              start_new_session=True, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
                               preexec_fn=_end_with_parent if LINUX else None)
              for r in range(world_size)]
 
