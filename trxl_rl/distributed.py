@@ -100,7 +100,8 @@ def start_local_ranks(world_size: int, argv: list[str]) -> int:
     base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
             "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size)}
     procs = [subprocess.Popen([sys.executable, "-m", "trxl_rl.train", *argv],
-                              start_new_session=True, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              start_new_session=True,
+                              env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
                               preexec_fn=_end_with_parent if LINUX else None)
              for r in range(world_size)]
 
