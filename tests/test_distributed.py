@@ -386,7 +386,8 @@ def test_kl_guards_act_alike_on_every_rank(tmp_path, guard, changed):
 @pytest.mark.distributed
 def test_every_rank_stops_solved_after_the_same_update(tmp_path):
     """``stop_at`` reads the scalars reduced over the ranks: both ranks end after update 2 of
-    5 (a MiniGrid return is never below 0), and nothing waits for a rank that stopped."""
+    5 (a MiniGrid return is never below 0, greedy or sampled), and nothing waits for a rank
+    that stopped."""
     result = torchrun(*TINY, "--threshold_metric", "return", "--stop_at", "0.0",
                       "--stop_updates", "2", "--total-steps", str(5 * STEPS_PER_UPDATE),
                       "--log_dir", "runs", "--run-name", "a", cwd=tmp_path,
@@ -395,6 +396,8 @@ def test_every_rank_stops_solved_after_the_same_update(tmp_path):
     assert [len(r["updates"]) for r in records(tmp_path / "records")] == [2, 2]
     summary = json.loads((tmp_path / "runs" / "a" / "summary.json").read_text())
     assert summary["solved"]["steps"] == summary["global_step"] == 2 * STEPS_PER_UPDATE
+    # rank 0 played the greedy check's episodes, and both ranks read its verdict
+    assert [check["steps"] for check in summary["solved"]["checks"]] == [2 * STEPS_PER_UPDATE]
     assert load_checkpoint(tmp_path / "runs" / "a")["counters"]["update"] == 2
 
 

@@ -6,10 +6,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import trxl_rl.train as train_module
 from benchmarks.compare import Run, load_suite, train_command
+from trxl_rl.agents import build_agent
 from trxl_rl.checkpoint import load_checkpoint
 from trxl_rl.config import ConfigError, build_config, preset_path, read_yaml
+from trxl_rl.envs import make_vector_env
+from trxl_rl.evaluate import EVAL_SEED_OFFSET, STOP_SEED_OFFSET, run_episodes, summarize
 from trxl_rl.metrics import StopWhenSolved
 from trxl_rl.resume import resume_config
 from trxl_rl.train import main, parse_args, resolve_config, train
@@ -40,6 +46,30 @@ def test_returns_count_for_the_return_metric_and_none_never_stops():
     assert not never.solved and never.steps is None
 
 
+def test_the_greedy_check_is_asked_once_the_run_holds_and_must_reach_the_value_too():
+    """``confirm`` (the greedy policy's score) is asked only once the training metric has held
+    for ``updates`` updates, and after every update that keeps it there until it passes."""
+    asked, scores = [], iter([0.8, float("nan"), 1.0])
+
+    def confirm():
+        asked.append(True)
+        return next(scores)
+
+    stop = StopWhenSolved("success", 0.99, updates=2)
+    verdicts = [stop.check({SUCCESS: s}, step, confirm)
+                for step, s in enumerate([1.0, 1.0, 1.0, 0.5, 1.0, 1.0], start=1)]
+    assert verdicts == [False, False, False, False, False, True]
+    assert stop.checks == [{"steps": 2, "score": 0.8}, {"steps": 3, "score": pytest.approx(
+        float("nan"), nan_ok=True)}, {"steps": 6, "score": 1.0}]  # nan (no success) fails
+    assert len(asked) == 3 and stop.steps == 6 and stop.solved
+    assert stop.scalars(6) == {"stop/greedy_score": 1.0} and stop.scalars(5) == {}
+    assert "greedy 1 on held-out seeds" in str(stop)
+    resumed = StopWhenSolved("success", 0.99, 2, stop.state())
+    assert resumed.solved and resumed.checks == stop.checks
+    assert resumed.check({SUCCESS: 1.0}, 7, confirm)  # stays solved, asks nothing
+    assert len(asked) == 3
+
+
 def test_a_checkpoints_count_is_kept_only_for_the_same_metric_and_value():
     stop = StopWhenSolved("success", 0.99, updates=3)
     stop.check({SUCCESS: 1.0}, 1)
@@ -68,7 +98,8 @@ def test_training_stops_after_the_update_that_solves_it_and_says_where(tmp_path)
     assert updates == [1, 2]  # of a budget of 5
     assert summary["global_step"] == 64
     assert summary["solved"] == {"metric": "return", "value": 0.0, "updates": 2,
-                                 "in_a_row": 2, "steps": 64}
+                                 "in_a_row": 2, "checks": [{"steps": 64, "score": 0.0}],
+                                 "steps": 64}  # the greedy check: 64 episodes of return 0
     checkpoint = load_checkpoint(tmp_path / "a")
     assert checkpoint["counters"] == {"global_step": 64, "update": 2}  # the last is written
     assert json.loads((tmp_path / "a" / "summary.json").read_text())["solved"]["steps"] == 64
@@ -94,6 +125,52 @@ def test_a_stopped_run_resumes_to_nothing_or_with_stop_at_null_to_its_budget(tmp
                        **{**SOLVED_AT_ONCE, "stop_at": None}))
     assert_same_training_state(load_checkpoint(tmp_path / "whole"),
                                load_checkpoint(tmp_path / "stopped"))
+
+
+def test_a_failed_greedy_check_trains_on_exactly_as_a_run_without_the_stop(tmp_path,
+                                                                          monkeypatch):
+    """The greedy check plays its episodes (the real ones) and leaves training's state alone:
+    a run whose checks fail twice is the run that never stopped, to the update it ends."""
+    real, scores = train_module.greedy_score, iter([-1.0, -1.0])
+
+    def greedy_score(cfg, agent, device):
+        real(cfg, agent, device)
+        return next(scores, 0.0)
+
+    monkeypatch.setattr(train_module, "greedy_score", greedy_score)
+    updates = []
+    summary = train(small_config(log_dir=str(tmp_path), run_name="checked", **SOLVED_AT_ONCE),
+                    on_update=lambda update, stats: updates.append(
+                        stats.get("stop/greedy_score")))
+    assert updates == [None, -1.0, -1.0, 0.0]  # asked after updates 2, 3 and 4; stops after 4
+    assert summary["solved"]["steps"] == 128
+    assert [c["steps"] for c in summary["solved"]["checks"]] == [64, 96, 128]
+    events = EventAccumulator(str(tmp_path / "checked"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("stop/greedy_score")] == [
+        (64, -1.0), (96, -1.0), (128, 0.0)]
+    train(small_config(log_dir=str(tmp_path), run_name="whole",
+                       **{**SOLVED_AT_ONCE, "stop_at": None, "total_steps": 128}))
+    assert_same_training_state(load_checkpoint(tmp_path / "whole"),
+                               load_checkpoint(tmp_path / "checked"))
+
+
+def test_the_greedy_check_plays_its_own_seeds_and_can_be_switched_off(tmp_path):
+    cfg = small_config(**SOLVED_AT_ONCE)
+    envs = make_vector_env(cfg.env.id, 1, **cfg.env.kwargs)
+    agent = build_agent(cfg, envs.single_observation_space, envs.single_action_space)
+    envs.close()
+    rng = torch.get_rng_state()
+    score = train_module.greedy_score(cfg, agent, torch.device("cpu"))
+    assert torch.equal(torch.get_rng_state(), rng)  # training's random numbers untouched
+    expected = summarize(run_episodes(agent, cfg.env.id, cfg.env.kwargs, 64,
+                                      seed=cfg.seed + STOP_SEED_OFFSET,
+                                      device=torch.device("cpu"), deterministic=True))
+    assert score == expected["return_mean"] and expected["episodes"] == 64
+    assert STOP_SEED_OFFSET != EVAL_SEED_OFFSET
+    off = train(small_config(log_dir=str(tmp_path), run_name="off", stop_greedy_episodes=0,
+                             **SOLVED_AT_ONCE))
+    assert off["solved"]["steps"] == 64 and off["solved"]["checks"] == []
 
 
 def test_a_resumed_run_stops_where_the_uninterrupted_one_did(tmp_path):

@@ -26,7 +26,8 @@ one never runs code from the file:
 - optionally (any format 4 file may lack them; read as their starting values),
   ``learning_rate``: the :class:`trxl_rl.ppo.LearningRate` factor, and (written since
   2026-12-04) ``stop_when_solved``: the :class:`trxl_rl.metrics.StopWhenSolved` state (the
-  updates in a row at ``stop_at`` so far), so that a resumed run stops where it would have.
+  updates in a row at ``stop_at`` so far and, since 2026-12-08, its greedy checks: a file
+  without them had none), so that a resumed run stops where it would have.
 
 Format 1 files (written before the training state was added) load for evaluation and
 :func:`load_agent`, but cannot be resumed. Formats 1 and 2 (Transformer-XL only, its fields

@@ -205,6 +205,12 @@ class TrainConfig:
         default and in ``benchmarks.compare`` (a benchmark trains its whole budget, so that
         "stays solved" is measured); the symbolic MiniGrid-Memory presets stop at 0.99
         success in 3 updates in a row (docs/results.md, "Stop once solved").
+    :param stop_greedy_episodes: before it stops, the training metric's verdict is checked on
+        the greedy policy: this many episodes with greedy actions, on seeds that neither
+        training nor the final evaluation uses, must reach ``stop_at`` too (their success rate
+        or mean return); until they do, training goes on and asks again after each update
+        that keeps the run at ``stop_at``. A sampled policy can be solved while its greedy one
+        walks in loops (docs/results.md). 0: the training metric alone.
     """
 
     env: EnvConfig = field(default_factory=EnvConfig)
@@ -228,6 +234,7 @@ class TrainConfig:
     threshold_metric: str = "success"
     stop_at: float | None = None
     stop_updates: int = 3
+    stop_greedy_episodes: int = 64
 
     def validate(self) -> TrainConfig:
         """Check the values that types cannot; raise :class:`ConfigError`."""
@@ -275,7 +282,8 @@ class TrainConfig:
             if value is not None and value <= 0:
                 raise ConfigError(f"{name} must be > 0, got {value}")
         non_negative = {
-            "eval_episodes": self.eval_episodes, "ppo.value_coef": ppo.value_coef,
+            "eval_episodes": self.eval_episodes, "stop_greedy_episodes": self.stop_greedy_episodes,
+            "ppo.value_coef": ppo.value_coef,
             "ppo.entropy_coef": ppo.entropy_coef, "ppo.weight_decay": ppo.weight_decay,
             "ppo.reconstruction_coef": ppo.reconstruction_coef,
         }

@@ -34,6 +34,7 @@ from trxl_rl.agents.observations import obs_to_tensor
 from trxl_rl.envs import completed_episodes, episode_metric_names, make_vector_env
 
 EVAL_SEED_OFFSET = 1_000_000  # evaluation seeds = training seed + this (unused in training)
+STOP_SEED_OFFSET = 2_000_000  # the stop's greedy checks (neither training's nor evaluation's)
 VIDEO_SUFFIXES = (".gif", ".mp4")
 FIGURE_SUFFIXES = (".png", ".pdf", ".svg")
 

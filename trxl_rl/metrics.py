@@ -19,7 +19,7 @@ module costs nothing to import.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -205,13 +205,14 @@ class Threshold:
 class StopWhenSolved:
     """Whether training may end before its budget (``stop_at``): after ``updates`` updates in
     a row whose training success rate (``metric="success"``) or mean episodic return
-    (``"return"``) is at least ``value``. An update in which no episode ended neither counts
-    nor breaks the run. In a data-parallel run it reads the scalars reduced over the ranks,
-    so every rank stops after the same update.
+    (``"return"``) is at least ``value``, and, where :meth:`check` is given a ``confirm``
+    (``stop_greedy_episodes``), once the greedy policy reaches ``value`` too. An update in
+    which no episode ended neither counts nor breaks the run. In a data-parallel run it reads
+    the scalars reduced over the ranks, so every rank stops after the same update.
 
     :param value: None: never (the whole budget is trained).
-    :param reached: a checkpoint's :meth:`state`; its count of updates in a row is kept only
-        if it was counted against the same metric and value.
+    :param reached: a checkpoint's :meth:`state`; its count of updates in a row (and the
+        greedy checks so far) is kept only if it was counted against the same metric and value.
     """
 
     def __init__(self, metric: str, value: float | None, updates: int,
@@ -221,27 +222,48 @@ class StopWhenSolved:
         same = (reached.get("metric"), reached.get("value")) == (metric, value)
         self.in_a_row: int = reached.get("in_a_row", 0) if same else 0
         self.steps: int | None = reached.get("steps") if same else None  # where it stopped
+        # [{"steps": step, "score": greedy score}] of every greedy check so far
+        self.checks: list[dict[str, float]] = list(reached.get("checks", [])) if same else []
 
     @property
     def solved(self) -> bool:
-        return self.value is not None and self.in_a_row >= self.updates
+        return self.value is not None and self.steps is not None
 
-    def check(self, scalars: Mapping[str, float], step: int) -> bool:
-        """After an update (at environment step ``step``): whether training stops now."""
+    def check(self, scalars: Mapping[str, float], step: int,
+              confirm: Callable[[], float] | None = None) -> bool:
+        """After an update (at environment step ``step``): whether training stops now.
+
+        :param confirm: called once the training metric has held for ``updates`` updates; the
+            greedy policy's score, which must reach ``value`` too (None: no such check).
+        """
         score = scalars.get(Threshold.CHARTS[self.metric])
-        if self.value is None or score is None:
-            return False
+        if self.value is None or score is None or self.solved:
+            return self.solved
         self.in_a_row = self.in_a_row + 1 if score >= self.value else 0
-        if self.solved:
-            self.steps = step
-        return self.solved
+        if self.in_a_row < self.updates:
+            return False
+        if confirm is not None:
+            self.checks.append({"steps": step, "score": float(confirm())})
+            if not self.checks[-1]["score"] >= self.value:  # nan (no success defined) too
+                return False
+        self.steps = step
+        return True
+
+    def scalars(self, step: int) -> dict[str, float]:
+        """The scalar to log with the update at ``step``: its greedy check's score
+        (``stop/greedy_score``), if it ran one; else none."""
+        if self.checks and self.checks[-1]["steps"] == step:
+            return {"stop/greedy_score": self.checks[-1]["score"]}
+        return {}
 
     def __str__(self) -> str:
         return (f"training {self.metric} >= {self.value:g} in {self.updates} updates in a row "
-                f"(stop_at)")
+                f"(stop_at)" + (f", greedy {self.checks[-1]['score']:.3g} on held-out seeds"
+                                if self.checks else ""))
 
     def state(self) -> dict[str, Any]:
         """Plain data for checkpoints and ``summary.json``: metric, value, updates, the
-        updates in a row so far and the step it stopped at (None: it did not stop early)."""
+        updates in a row so far, the greedy checks so far and the step it stopped at (None: it
+        did not stop early)."""
         return {"metric": self.metric, "value": self.value, "updates": self.updates,
-                "in_a_row": self.in_a_row, "steps": self.steps}
+                "in_a_row": self.in_a_row, "checks": self.checks, "steps": self.steps}

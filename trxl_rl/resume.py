@@ -49,12 +49,12 @@ from trxl_rl.distributed import launch_command
 from trxl_rl.memory import MemoryBackbone, MemoryState
 
 # Config keys that may change when a run is resumed: none of them changes what is learned,
-# except total_steps, which stretches the linear schedules from the resume point on; stop_at
-# and stop_updates change only where training ends (``--stop_at null`` continues a run that
-# stopped solved).
-RESUME_OVERRIDABLE = ("total_steps", "stop_at", "stop_updates", "device", "threads",
-                      "progress", "checkpoint_every", "eval_episodes", "eval_deterministic",
-                      "track", "wandb_project_name", "wandb_entity")
+# except total_steps, which stretches the linear schedules from the resume point on; stop_at,
+# stop_updates and stop_greedy_episodes change only where training ends (``--stop_at null``
+# continues a run that stopped solved).
+RESUME_OVERRIDABLE = ("total_steps", "stop_at", "stop_updates", "stop_greedy_episodes",
+                      "device", "threads", "progress", "checkpoint_every", "eval_episodes",
+                      "eval_deterministic", "track", "wandb_project_name", "wandb_entity")
 
 
 def _plain(tree: Any) -> Any:

@@ -326,6 +326,9 @@ def train(cfg: TrainConfig, on_update: Callable[[int, dict[str, float]], None] |
     solved = StopWhenSolved(cfg.threshold_metric, cfg.stop_at, cfg.stop_updates,
                             (resume or {}).get("stop_when_solved"))
 
+    def confirm() -> float:  # rank 0 plays the greedy episodes; every rank gets their score
+        return ranks.broadcast_object(greedy_score(cfg, agent, device) if ranks.main else None)
+
     run_dir = start_run_dir(cfg, resume, ranks)
     rollout = Rollout(t_steps, b, obs_space, action_shape(act_space), action_dtype(act_space),
                       agent.memory, device)
@@ -381,13 +384,15 @@ def train(cfg: TrainConfig, on_update: Callable[[int, dict[str, float]], None] |
                 stats["charts/learning_rate_factor"] = rate.factor
                 stats["charts/entropy_coef"] = entropy_coef
                 stats.update(threshold.check(stats, global_step, train_seconds()))
+                done = solved.check(stats, global_step,
+                                    confirm if cfg.stop_greedy_episodes else None)
+                stats.update(solved.scalars(global_step))
                 metrics.record(stats, global_step)
                 if on_update is not None:
                     on_update(update, stats)
                 # A signal at any rank stops every rank after this update.
                 signum = int(ranks.reduce_scalars({"signal": stop.signum or 0},
                                                   {"signal": "max"})["signal"])
-                done = solved.check(stats, global_step)
                 if (update % cfg.checkpoint_every == 0 or update == num_updates or signum
                         or done):
                     checkpoint(update)
@@ -463,6 +468,22 @@ def final_evaluation(cfg: TrainConfig, agent, device: torch.device) -> dict[str,
     return {**summarize(results), "eval_deterministic": cfg.eval_deterministic}
 
 
+def greedy_score(cfg: TrainConfig, agent, device: torch.device) -> float:
+    """The greedy policy's ``threshold_metric`` (success rate or mean return) over
+    ``cfg.stop_greedy_episodes`` episodes on seeds of their own (``STOP_SEED_OFFSET``), for
+    ``stop_at``. Training's state is left as it was: its envs are not touched, and torch's
+    random numbers are restored afterwards."""
+    from trxl_rl.evaluate import STOP_SEED_OFFSET, run_episodes, summarize
+
+    agent.eval()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        results = run_episodes(agent, cfg.env.id, cfg.env.kwargs, cfg.stop_greedy_episodes,
+                               seed=cfg.seed + STOP_SEED_OFFSET, device=device,
+                               deterministic=True)
+    return summarize(results)["success_rate" if cfg.threshold_metric == "success"
+                              else "return_mean"]
+
+
 OVERRIDE_HELP = "\n".join(
     f"  --{name} VALUE" for name in sorted(
         f"{prefix}{f.name}{'.FIELD' if prefix == 'model.' and f.type == 'dict' else ''}"
@@ -518,8 +539,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, An
                         help="continue the run in directory RUN (e.g. runs/<run>) from its "
                              "newest checkpoint, or from the checkpoint file RUN, with the "
                              "run's own config; only --total-steps, --stop_at, "
-                             "--stop_updates, --device, --threads, --progress, "
-                             "--checkpoint_every, --eval_episodes, --eval_deterministic, "
+                             "--stop_updates, --stop_greedy_episodes, --device, --threads, "
+                             "--progress, --checkpoint_every, --eval_episodes, "
+                             "--eval_deterministic, "
                              "--track, --wandb-project-name and "
                              "--wandb-entity may change (a run of K torchrun ranks resumes "
                              "with K ranks; a tracked run continues its W&B run). "
