@@ -283,8 +283,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be > 0, got {value}")
         non_negative = {
             "eval_episodes": self.eval_episodes, "stop_greedy_episodes": self.stop_greedy_episodes,
-            "ppo.value_coef": ppo.value_coef,
-            "ppo.entropy_coef": ppo.entropy_coef, "ppo.weight_decay": ppo.weight_decay,
+            "ppo.value_coef": ppo.value_coef, "ppo.entropy_coef": ppo.entropy_coef,
+            "ppo.weight_decay": ppo.weight_decay,
             "ppo.reconstruction_coef": ppo.reconstruction_coef,
         }
         for name, value in non_negative.items():
